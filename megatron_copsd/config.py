@@ -1,0 +1,581 @@
+"""The run configuration: one dataclass tree, loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config("examples/tiny_cpu_copsd.yaml", ["optim.lr=1e-4", "train.steps=3"])
+
+Every field has a docstring; `__post_init__` validates each section and raises `ValueError` naming the
+dotted field. Megatron's and SGLang's arguments are *derived* from this tree, one function each
+(`megatron_optimizer_kwargs`, `megatron_scheduler_kwargs`, `transformer_overrides`,
+`sglang_launch_args`), so no foreign parser leaks into our namespace.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+def _fail(path: str, msg: str) -> None:
+    raise ValueError(f"config field {path}: {msg}")
+
+
+def _check_choice(path: str, value, choices) -> None:
+    if value not in choices:
+        _fail(path, f"must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(path: str, value, *, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        _fail(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = "tiny:qwen3"
+    """HF model folder, or `tiny:<family>` (qwen3/llama/qwen2) to build a tiny random model on the fly
+    (its tokenizer is trained on the run's training texts; see megatron_copsd.tiny_run)."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer folder/file; default: `hf_path`."""
+    dtype: str = "auto"
+    """Parameter dtype: `auto` (bf16 on GPU, fp32 on CPU), `bf16` or `fp32`."""
+    tiny_overrides: dict = field(default_factory=dict)
+    """Extra `tiny_hf_config` keyword arguments for `tiny:` models (hidden_size, num_layers, ...)."""
+
+    def __post_init__(self) -> None:
+        if not self.hf_path:
+            _fail("model.hf_path", "must be set")
+        _check_choice("model.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        if self.hf_path.startswith("tiny:"):
+            _check_choice("model.hf_path", self.hf_path, ("tiny:qwen3", "tiny:llama", "tiny:qwen2"))
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size (data-parallel size = world_size / (tp * pp))."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    backend: Optional[str] = None
+    """torch.distributed backend; default gloo on CPU, nccl on GPU."""
+
+    def __post_init__(self) -> None:
+        _check_positive("parallel.tp", self.tp)
+        _check_positive("parallel.pp", self.pp)
+        if self.backend is not None:
+            _check_choice("parallel.backend", self.backend, ("gloo", "nccl"))
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "fixture:tiny"
+    """JSONL of examples (id, lang, problem, answer, problem_en, solution_en), or `fixture:tiny` for the
+    small in-repo generated arithmetic set (megatron_copsd.tiny_run)."""
+    eval_path: Optional[str] = None
+    """Held-out examples for periodic eval; default: none (for `fixture:tiny`, a disjoint generated set)."""
+    langs: list = field(default_factory=list)
+    """Keep only these language codes (empty: all)."""
+    task: str = "math"
+    """Grader: math, mcq or tooluse."""
+    prompts_per_step: int = 4
+    """Distinct prompts per optimizer step (each gets rollout.n samples)."""
+    shuffle: bool = True
+    """Shuffle the training order each epoch (seeded by train.seed and the epoch)."""
+    max_prompt_tokens: int = 1024
+    """Longer student or teacher prompts are dropped (with a warning counted in the metrics)."""
+    include_problem_en: bool = True
+    """COPSD teacher prompt carries the English problem."""
+    include_reference_solution_en: bool = True
+    """COPSD teacher prompt carries the English reference solution."""
+
+    def __post_init__(self) -> None:
+        if not self.train_path:
+            _fail("data.train_path", "must be set")
+        _check_choice("data.task", self.task, ("math", "mcq", "tooluse"))
+        _check_positive("data.prompts_per_step", self.prompts_per_step)
+        _check_positive("data.max_prompt_tokens", self.max_prompt_tokens)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "embedded"
+    """`embedded` (HF model in the trainer's rank-0 process) or `sglang` (HTTP servers)."""
+    n: int = 4
+    """Samples per prompt (the GRPO group size)."""
+    max_new_tokens: int = 256
+    """Response length cap."""
+    temperature: float = 1.0
+    """Sampling temperature (the reference COPSD runs use 1.1)."""
+    top_p: float = 1.0
+    """Nucleus mass; 1.0 disables."""
+    top_k: int = -1
+    """Top-k; -1 disables."""
+    max_batch_size: int = 32
+    """Embedded engine: sequences decoded together."""
+    sglang_urls: list = field(default_factory=list)
+    """SGLang server (or router) base URLs when engine is `sglang`."""
+    sglang_tp: int = 1
+    """Tensor parallelism of each SGLang server (launch args)."""
+    sglang_mem_fraction: float = 0.7
+    """`--mem-fraction-static` for launched SGLang servers."""
+
+    def __post_init__(self) -> None:
+        _check_choice("rollout.engine", self.engine, ("embedded", "sglang"))
+        _check_positive("rollout.n", self.n)
+        _check_positive("rollout.max_new_tokens", self.max_new_tokens)
+        _check_positive("rollout.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            _fail("rollout.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_k == 0 or self.top_k < -1:
+            _fail("rollout.top_k", f"must be -1 or >= 1, got {self.top_k!r}")
+        _check_positive("rollout.max_batch_size", self.max_batch_size)
+        if self.engine == "sglang" and not self.sglang_urls:
+            _fail("rollout.sglang_urls", "must list at least one URL when rollout.engine is sglang")
+        if not 0 < self.sglang_mem_fraction < 1:
+            _fail("rollout.sglang_mem_fraction", f"must be in (0, 1), got {self.sglang_mem_fraction!r}")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "copsd"
+    """copsd (full-vocabulary divergence to the teacher), sampled_kl (sampled-token reverse KL),
+    grpo (clipped policy gradient) or sft (next-token cross-entropy on given texts)."""
+    divergence: str = "forward_kl"
+    """COPSD divergence: forward_kl KL(p||q), reverse_kl KL(q||p) or jsd (generalised JSD)."""
+    beta: float = 0.5
+    """JSD interpolation: M = beta*p + (1-beta)*q."""
+    temperature: float = 1.0
+    """Distillation temperature tau applied to both student and teacher logits."""
+    token_clip: Optional[float] = None
+    """Clip each token's divergence from above (0.05 in the reference runs); clipped tokens give no grad."""
+    teacher_top_k: Optional[int] = None
+    """Restrict the divergence to the teacher's top-k tokens, renormalised (cheaper baseline, chunked torch)."""
+    teacher: str = "fixed"
+    """Teacher weights: fixed (frozen initial copy), ema (moving average of the student), dynamic (current)."""
+    ema_decay: float = 0.999
+    """EMA teacher decay per optimizer step."""
+    offload_teacher: bool = False
+    """Keep the fixed/EMA teacher's weights on CPU between uses (GPU only; ignored on CPU)."""
+    clip_eps_low: float = 0.2
+    """GRPO ratio clip: lower bound 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """GRPO ratio clip: upper bound 1 + clip_eps_high."""
+    std_normalize: bool = True
+    """GRPO: divide group-centred rewards by the group std (+1e-6)."""
+    kl_coef: float = 0.0
+    """GRPO: weight of the k3 KL penalty to the reference (the fixed initial model); 0 disables."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling cap C: per-token weight min(pi_train/pi_rollout, C); None disables."""
+
+    def __post_init__(self) -> None:
+        _check_choice("objective.name", self.name, ("copsd", "sampled_kl", "grpo", "sft"))
+        _check_choice("objective.divergence", self.divergence, ("forward_kl", "reverse_kl", "jsd"))
+        if not 0 <= self.beta <= 1:
+            _fail("objective.beta", f"must be in [0, 1], got {self.beta!r}")
+        _check_positive("objective.temperature", self.temperature)
+        if self.token_clip is not None:
+            _check_positive("objective.token_clip", self.token_clip)
+        if self.teacher_top_k is not None:
+            _check_positive("objective.teacher_top_k", self.teacher_top_k)
+        _check_choice("objective.teacher", self.teacher, ("fixed", "ema", "dynamic"))
+        if not 0 < self.ema_decay < 1:
+            _fail("objective.ema_decay", f"must be in (0, 1), got {self.ema_decay!r}")
+        _check_positive("objective.clip_eps_low", self.clip_eps_low, allow_zero=True)
+        _check_positive("objective.clip_eps_high", self.clip_eps_high, allow_zero=True)
+        if self.clip_eps_low >= 1:
+            _fail("objective.clip_eps_low", f"must be < 1, got {self.clip_eps_low!r}")
+        _check_positive("objective.kl_coef", self.kl_coef, allow_zero=True)
+        if self.tis_cap is not None:
+            _check_positive("objective.tis_cap", self.tis_cap)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 0.0
+    """Floor of the decayed learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0.1 in the reference COPSD runs); 0 disables."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    decay_style: str = "constant"
+    """LR decay after warm-up: constant, linear or cosine (over train.steps)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optim.lr", self.lr)
+        _check_positive("optim.min_lr", self.min_lr, allow_zero=True)
+        if self.min_lr > self.lr:
+            _fail("optim.min_lr", f"must be <= optim.lr ({self.lr}), got {self.min_lr!r}")
+        _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                _fail(f"optim.{name}", f"must be in [0, 1), got {v!r}")
+        _check_positive("optim.adam_eps", self.adam_eps)
+        _check_positive("optim.clip_grad", self.clip_grad, allow_zero=True)
+        _check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_choice("optim.decay_style", self.decay_style, ("constant", "linear", "cosine"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    seed: int = 1234
+    """Seeds data order, rollout sampling (per step: derived from (seed, step)) and model init RNG."""
+    output_dir: str = "runs/copsd"
+    """Run folder: metrics.jsonl, tensorboard/, checkpoints/, eval/, hf/."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch (student sequence lengths, padded); sequences are packed greedily."""
+    max_nonfinite_in_a_row: int = 3
+    """Stop the run after this many consecutive non-finite losses (each one skips its step)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("train.steps", self.steps)
+        _check_positive("train.micro_batch_tokens", self.micro_batch_tokens)
+        _check_positive("train.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row)
+        if not self.output_dir:
+            _fail("train.output_dir", "must be set")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50
+    """Save every N steps (0: only at the end and on preemption)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    resume: str = "auto"
+    """`auto` (latest in <output_dir>/checkpoints), `none`, or a checkpoint folder path."""
+    export_hf: bool = True
+    """Write a Hugging Face checkpoint to <output_dir>/hf at the end."""
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint.save_every", self.save_every, allow_zero=True)
+        _check_positive("checkpoint.keep_last", self.keep_last)
+        if not self.resume:
+            _fail("checkpoint.resume", "must be auto, none or a path")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N steps and at the end (0: only at the end; -1: never)."""
+    num_examples: int = 16
+    """Held-out examples per eval."""
+    num_samples: int = 4
+    """Sampled generations per example (besides one greedy)."""
+    temperature: float = 0.6
+    """Sampling temperature for eval samples."""
+    top_p: float = 0.95
+    """Nucleus mass for eval samples."""
+    max_new_tokens: int = 256
+    """Response cap for eval generations."""
+
+    def __post_init__(self) -> None:
+        if self.every < -1:
+            _fail("eval.every", f"must be -1, 0 or > 0, got {self.every!r}")
+        _check_positive("eval.num_examples", self.num_examples)
+        _check_positive("eval.num_samples", self.num_samples, allow_zero=True)
+        _check_positive("eval.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            _fail("eval.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check_positive("eval.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <output_dir>/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `wandb` installed; fails early otherwise)."""
+    wandb_project: str = "megatron-copsd"
+    """W&B project name."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                _fail("logging.wandb", "is true but the `wandb` package is not installed")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model (also the COPSD teacher)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Megatron parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training / eval examples and prompts."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of student responses."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Loss and teacher."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop length, seed, output folder, micro-batching."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, resuming and HF export."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic held-out evaluation."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks."""
+
+    def __post_init__(self) -> None:
+        # Cross-section checks.
+        if self.objective.name == "grpo" and self.rollout.n < 2:
+            _fail("rollout.n", "GRPO needs at least 2 samples per prompt (group-normalised advantages)")
+        if self.objective.teacher_top_k is not None and self.objective.name != "copsd":
+            _fail("objective.teacher_top_k", "only applies to objective.name=copsd")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading and dotted overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Converts a YAML / command-line value to the annotated type (strings from the CLI included)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _coerce(path, value, args[0])
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(path, f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        _fail(path, f"expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            _fail(path, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            _fail(path, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(path, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            _fail(path, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            _fail(path, f"expected a string, got {value!r}")
+        return str(value)
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value) if value.strip() else base()
+            if base is list and not isinstance(value, list):
+                value = [value]
+        if not isinstance(value, base):
+            _fail(path, f"expected a {base.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        _fail(prefix or "<root>", f"expected a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ValueError(f"unknown config key(s) {[where + k for k in unknown]}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, path)
+        else:
+            kwargs[name] = _coerce(path, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node, cls = tree, Config
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ValueError(f"unknown config key {key!r} ({'.'.join(parts[:i + 1])}); valid: {sorted(names)}")
+        tp = _field_types(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ValueError(f"override {key!r} names a section; set one of its fields")
+            node[part] = value  # coerced in _build against the annotation
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ValueError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = node.setdefault(part, {})
+        if node is None:
+            node = tree[part] = {}
+        cls = tp
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    import copy
+
+    tree = copy.deepcopy(data or {})
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML file (or only defaults when `path` is None) and applies `a.b=c` overrides."""
+    data: dict = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {str(p)!r} does not exist")
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(p)!r}: top level must be a mapping")
+    return config_from_dict(data, overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived arguments for Megatron and SGLang (one function each)
+
+
+def resolve_dtype(cfg: Config, cuda_available: bool):
+    import torch
+
+    if cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda_available):
+        return torch.bfloat16
+    return torch.float32
+
+
+def megatron_optimizer_kwargs(cfg: Config, *, params_dtype) -> dict:
+    """Keyword arguments for `megatron.core.optimizer.OptimizerConfig` (AdamW with grad clipping)."""
+    import torch
+
+    o = cfg.optim
+    return dict(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        decoupled_weight_decay=True,
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+
+
+def megatron_scheduler_kwargs(cfg: Config) -> dict:
+    """Keyword arguments for `megatron.core.optimizer_param_scheduler.OptimizerParamScheduler`
+    (minus the optimizer). One scheduler step per optimizer step."""
+    o = cfg.optim
+    decay_steps = max(cfg.train.steps, o.warmup_steps + 1)
+    return dict(
+        init_lr=0.0 if o.warmup_steps > 0 else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+
+
+def transformer_overrides(cfg: Config) -> dict:
+    """TransformerConfig attributes the trainer sets on the built model before wrapping it in DDP.
+
+    `calculate_per_token_loss=True` stops Megatron from dividing the loss by the number of micro-batches
+    and from averaging gradients over data-parallel ranks: our objectives already divide by the global
+    valid-token count, so gradients summed over micro-batches and DP ranks are the global token mean.
+    """
+    return dict(calculate_per_token_loss=True)
+
+
+def ddp_config_kwargs(cfg: Config) -> dict:
+    """Keyword arguments for `megatron.core.distributed.DistributedDataParallelConfig`."""
+    return dict(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+
+
+def sglang_launch_args(cfg: Config, model_path: str, *, port: int = 30000, host: str = "0.0.0.0") -> list[str]:
+    """Command-line arguments of `python -m sglang.launch_server` for one rollout server."""
+    dtype = {"bf16": "bfloat16", "fp32": "float32", "auto": "bfloat16"}[cfg.model.dtype]
+    return [
+        "--model-path", model_path,
+        "--tp-size", str(cfg.rollout.sglang_tp),
+        "--mem-fraction-static", str(cfg.rollout.sglang_mem_fraction),
+        "--dtype", dtype,
+        "--host", host,
+        "--port", str(port),
+        "--random-seed", str(cfg.train.seed),
+        "--skip-tokenizer-init",
+    ]

@@ -1,0 +1,70 @@
+import pytest
+
+from megatron_copsd.config import (
+    Config,
+    config_from_dict,
+    load_config,
+    megatron_optimizer_kwargs,
+    megatron_scheduler_kwargs,
+    sglang_launch_args,
+)
+
+
+def test_defaults_validate():
+    cfg = Config()
+    assert cfg.objective.name == "copsd" and cfg.parallel.tp == 1
+
+
+def test_yaml_and_overrides_coerce(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 1.0e-4\ntrain:\n  steps: 5\nrollout:\n  n: 2\n")
+    cfg = load_config(p, ["train.steps=7", "objective.token_clip=0.05", "logging.tensorboard=false",
+                          "objective.teacher_top_k=none", "data.langs=[swa, yor]", "optim.clip_grad=1"])
+    assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.rollout.n == 2
+    assert cfg.objective.token_clip == 0.05 and cfg.logging.tensorboard is False
+    assert cfg.objective.teacher_top_k is None and cfg.data.langs == ["swa", "yor"]
+    assert isinstance(cfg.optim.clip_grad, float)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("objective.divergence=kl", "objective.divergence"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("parallel.tp=0", "parallel.tp"),
+        ("train.steps=abc", "train.steps"),
+        ("objective.teacher=frozen", "objective.teacher"),
+        ("optim.nope=1", "optim.nope"),
+        ("nosection.x=1", "nosection"),
+        ("optim=1", "section"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("logging.tensorboard=maybe", "logging.tensorboard"),
+    ],
+)
+def test_bad_values_name_the_field(override, needle):
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        config_from_dict({}, [override])
+
+
+def test_unknown_yaml_key_and_cross_checks():
+    with pytest.raises(ValueError, match=r"train\.stepz"):
+        config_from_dict({"train": {"stepz": 3}})
+    with pytest.raises(ValueError, match=r"rollout\.n"):
+        config_from_dict({"objective": {"name": "grpo"}, "rollout": {"n": 1}})
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config("/nonexistent.yaml")
+
+
+def test_derived_args():
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: F401
+
+    cfg = config_from_dict({}, ["optim.lr=1e-3", "optim.clip_grad=0.1", "optim.warmup_steps=2"])
+    oc = OptimizerConfig(**megatron_optimizer_kwargs(cfg, params_dtype=torch.float32))
+    assert oc.lr == 1e-3 and oc.clip_grad == 0.1 and not oc.bf16
+    sk = megatron_scheduler_kwargs(cfg)
+    assert sk["lr_warmup_steps"] == 2 and sk["max_lr"] == 1e-3 and sk["init_lr"] == 0.0
+    args = sglang_launch_args(cfg, "/m", port=31000)
+    assert args[args.index("--port") + 1] == "31000" and "--model-path" in args
