@@ -1,0 +1,163 @@
+"""EmbeddedEngine against transformers on tiny random models (CPU, fp32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_copsd.rollout.embedded import (
+    EmbeddedEngine,
+    derive_seed,
+    filter_logits,
+    sample_from_uniforms,
+)
+from megatron_copsd.rollout.types import RolloutEngine, SamplingParams
+from megatron_copsd.testing.tiny import make_tiny_hf_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_hf_model(None, "qwen3", seed=0)
+
+
+def _ids(samples):
+    return [[s.response_ids for s in per] for per in samples]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_greedy_matches_transformers_generate(family):
+    m = make_tiny_hf_model(None, family, seed=1)
+    engine = EmbeddedEngine(m, eos_token_ids=1, pad_token_id=0, max_batch_size=3)
+    assert isinstance(engine, RolloutEngine)
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0))
+    for p, per in zip(PROMPTS, out):
+        # Reference: each prompt alone, unpadded, through transformers' own generate loop.
+        ref = m.generate(
+            torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=24, do_sample=False, eos_token_id=1, pad_token_id=0,
+        )[0, len(p):].tolist()
+        assert per[0].response_ids == ref
+        assert len(per[0].logprobs) == len(ref)
+        assert per[0].finish_reason == ("stop" if ref[-1] == 1 else "length")
+
+
+def _recomputed_logprobs(m, prompt, response, temperature, valid_vocab):
+    """What the trainer does: one full forward over prompt + response, log_softmax(logits / T)."""
+    full = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = m(input_ids=full).logits[0, len(prompt) - 1 : -1, :valid_vocab].float()
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    return lp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+
+
+def test_sampled_logprobs_match_full_forward(model):
+    valid_vocab = 290  # logits are 301 wide: the last 11 rows play Megatron's vocab padding
+    engine = EmbeddedEngine(model, max_batch_size=5, valid_vocab=valid_vocab)
+    params = SamplingParams(max_new_tokens=20, temperature=0.7, top_p=0.9, top_k=100, n=3, seed=3)
+    out = engine.generate(PROMPTS, params)
+    max_diff = 0.0
+    for p, per in zip(PROMPTS, out):
+        assert len(per) == 3
+        for s in per:
+            assert all(t < valid_vocab for t in s.response_ids)
+            ref = _recomputed_logprobs(model, p, s.response_ids, 0.7, valid_vocab)
+            max_diff = max(max_diff, (ref - torch.tensor(s.logprobs)).abs().max().item())
+    print(f"max |engine logprob - full-forward logprob| = {max_diff:.2e}")
+    assert max_diff < 1e-5
+
+
+def test_stop_tokens_end_only_their_row(model):
+    engine = EmbeddedEngine(model, max_batch_size=4)
+    base = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, temperature=0))
+    stop = base[0][0].response_ids[3]
+    assert stop not in base[1][0].response_ids  # keep row 1 as an unaffected control
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=(stop,)))
+    cut = base[0][0].response_ids.index(stop)
+    assert out[0][0].response_ids == base[0][0].response_ids[: cut + 1]
+    assert out[0][0].finish_reason == "stop" and len(out[0][0].logprobs) == cut + 1
+    assert out[0][0].logprobs == pytest.approx(base[0][0].logprobs[: cut + 1], abs=1e-6)
+    assert out[1][0].response_ids == base[1][0].response_ids
+    assert out[1][0].finish_reason == "length"
+    # The same token as EOS (engine-level) stops the same way.
+    eos_engine = EmbeddedEngine(model, eos_token_ids=[1, stop], max_batch_size=4)
+    out_eos = eos_engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, temperature=0))
+    assert _ids(out_eos) == _ids(out)
+
+
+def test_sampling_n_and_seeds(model):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=11)
+    a = EmbeddedEngine(model, max_batch_size=32).generate(PROMPTS, params)
+    # Another chunking and a different set of companions: the samples of a prompt do not change.
+    b = EmbeddedEngine(model, max_batch_size=3).generate(PROMPTS, params)
+    assert _ids(a) == _ids(b)
+    c = EmbeddedEngine(model, max_batch_size=32).generate(PROMPTS[:1], params)
+    assert _ids(c)[0] == _ids(a)[0]
+    assert all(len(per) == 4 for per in a)
+    assert len({tuple(s.response_ids) for s in a[0]}) == 4  # n samples are distinct draws
+    other = EmbeddedEngine(model).generate(PROMPTS, SamplingParams(max_new_tokens=12, n=4, seed=12))
+    assert _ids(other) != _ids(a)
+    assert a[0][1].meta["seed"] == derive_seed(11, 0, 1)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    engine = EmbeddedEngine(model)
+    greedy = _ids(engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0)))
+    k1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.3, top_k=1, seed=0))
+    p0 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.3, top_p=1e-6, seed=0))
+    assert _ids(k1) == greedy and _ids(p0) == greedy
+    # Log-probs stay those of the full temperature-scaled distribution (before truncation).
+    assert max(k1[0][0].logprobs) < 0
+
+
+def test_filter_and_inverse_cdf_sampling():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, -1, 0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, 3, 1.0)).sum().item() == 3
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    picks = sample_from_uniforms(logits.expand(20000, 4), u)
+    freq = torch.bincount(picks, minlength=4).double() / 20000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.015)
+
+
+def test_update_weights_strict_and_versioned(tmp_path):
+    m0 = make_tiny_hf_model(None, "qwen3", seed=0, tie_word_embeddings=True)
+    m1 = make_tiny_hf_model(tmp_path / "m1", "qwen3", seed=5, tie_word_embeddings=True)
+    engine = EmbeddedEngine(m0)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    target = _ids(EmbeddedEngine(str(tmp_path / "m1")).generate(PROMPTS, greedy))
+    named = list(m1.state_dict().items())
+    with pytest.raises(ValueError, match="unknown parameter name 'bogus'"):
+        engine.update_weights(named + [("bogus", torch.zeros(1))], version=1)
+    bad_shape = [(n, t[:-1] if n.endswith("q_proj.weight") else t) for n, t in named]
+    with pytest.raises(ValueError, match="shape of 'model.layers.0.self_attn.q_proj.weight'"):
+        engine.update_weights(bad_shape, version=1)
+    with pytest.raises(ValueError, match="missing 1 parameters"):
+        engine.update_weights([(n, t) for n, t in named if "layers.1.mlp.up_proj" not in n], version=1)
+    assert engine.weight_version == 0 and _ids(engine.generate(PROMPTS, greedy)) != target
+    # Tied embeddings: the lm_head alias alone is enough.
+    engine.update_weights([(n, t) for n, t in named if n != "model.embed_tokens.weight"], version=7)
+    out = engine.generate(PROMPTS, greedy)
+    assert _ids(out) == target and out[0][0].weight_version == 7 and engine.weight_version == 7
+
+
+def test_edge_cases(model):
+    engine = EmbeddedEngine(model)
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=0, n=2))
+    assert all(s.response_ids == [] and s.finish_reason == "length" for per in out for s in per)
+    assert engine.generate([], SamplingParams()) == []
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[3], []], SamplingParams())
+    with pytest.raises(ValueError, match="prompt 0 has token ids outside"):
+        engine.generate([[3, 999]], SamplingParams())
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        engine.generate([[3]], SamplingParams(max_new_tokens=10_000))
