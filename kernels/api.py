@@ -1,0 +1,85 @@
+"""Public entry points: input checks and the choice between the Triton, chunked and reference paths.
+
+impl: "auto" (Triton on CUDA tensors when triton imports, the chunked torch path otherwise), "triton"
+(also runs on CPU tensors when TRITON_INTERPRET=1 was set before triton was first imported), "chunked",
+"reference" (naive float64, tests only).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import chunked
+from .types import (DivergenceResult, LogprobResult, check_divergence_inputs, check_logprob_inputs,
+                    resolve_divergence)
+
+IMPLS = ("auto", "triton", "chunked", "reference")
+
+
+def _pick(impl: str, x: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if x.is_cuda:
+        try:
+            import triton  # noqa: F401
+            return "triton"
+        except ImportError:
+            return "chunked"
+    return "chunked"
+
+
+def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None,
+                            divergence="forward_kl", beta=0.5, temperature=1.0, token_clip=None,
+                            loss_weight=None, tp_group=None, vocab_start=0, valid_vocab=None,
+                            impl="auto", chunk_size=None) -> DivergenceResult:
+    """Exact full-vocabulary divergence between student q = softmax(W h_s / tau) and teacher
+    p = softmax(W_t h_t / tau) over the (possibly vocab-parallel) LM head, without [T, V] logits.
+
+    student_hidden, teacher_hidden: [T, H]; weight: local shard [V_local, H] (rows vocab_start ..
+    vocab_start + V_local - 1 of the global head); teacher_weight: teacher's shard (default: weight, detached).
+    divergence: "forward_kl" KL(p||q), "reverse_kl" KL(q||p), "jsd" generalized JSD_beta with
+    M = beta p + (1-beta) q (beta=0 -> forward KL, beta=1 -> reverse KL).
+    Returns DivergenceResult(loss = sum_t loss_weight[t] * min(div_t, token_clip), per_token = div_t).
+    Gradients: student_hidden (full, already summed over tp_group) and weight (local shard) only.
+    Global vocab rows >= valid_vocab are padding and excluded from every softmax.
+    """
+    check_divergence_inputs(student_hidden, teacher_hidden, weight, teacher_weight, temperature, token_clip,
+                            loss_weight)
+    kind = resolve_divergence(divergence, beta)
+    which = _pick(impl, student_hidden)
+    if which == "reference":
+        from . import reference
+        return reference.fused_linear_divergence(
+            student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, divergence=divergence,
+            beta=beta, temperature=temperature, token_clip=token_clip, loss_weight=loss_weight,
+            tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab)
+    if which == "triton":
+        from . import divergence_triton as mod
+    else:
+        mod = chunked
+    return mod.fused_linear_divergence(
+        student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, kind=kind, beta=beta,
+        temperature=temperature, token_clip=token_clip, loss_weight=loss_weight, tp_group=tp_group,
+        vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size)
+
+
+def fused_linear_logprobs(hidden, weight, target_ids, *, temperature=1.0, tp_group=None, vocab_start=0,
+                          valid_vocab=None, return_entropy=False, impl="auto", chunk_size=None) -> LogprobResult:
+    """log softmax(W h / tau)[target] per token (and the entropy of that distribution if asked) over the
+    vocab-parallel head, differentiable w.r.t. hidden (full gradient, summed over tp_group) and the local
+    weight shard. target_ids are global vocabulary ids < valid_vocab (not checked: that would sync)."""
+    check_logprob_inputs(hidden, weight, target_ids, temperature)
+    which = _pick(impl, hidden)
+    if which == "reference":
+        from . import reference
+        return reference.fused_linear_logprobs(hidden, weight, target_ids, temperature=temperature,
+                                               tp_group=tp_group, vocab_start=vocab_start,
+                                               valid_vocab=valid_vocab, return_entropy=return_entropy)
+    if which == "triton":
+        from . import logprobs_triton as mod
+    else:
+        mod = chunked
+    return mod.fused_linear_logprobs(hidden, weight, target_ids, temperature=temperature, tp_group=tp_group,
+                                     vocab_start=vocab_start, valid_vocab=valid_vocab,
+                                     return_entropy=return_entropy, chunk_size=chunk_size)
