@@ -14,9 +14,9 @@ re-tokenized the prefix, which is off by one at BPE boundaries; we never re-toke
    `\\le`/`\\ge`/`\\neq` -> `≤`/`≥`/`≠`; `\\dfrac` -> `\\frac`; curly quotes -> straight). The normalized
    text keeps, for every character, the index of the original character it came from, so a hit maps
    back to an original char offset. First occurrence.
-3. "fuzzy": semi-global edit-distance alignment of the normalized quote (its first `max_fuzzy_chars`
-   characters -- the start is what matters) against the normalized response; score = 1 - distance /
-   len(quote). Accepted when score >= `fuzzy_threshold` and the normalized quote has at least
+3. "fuzzy": semi-global alignment of the normalized quote (its first `max_fuzzy_chars` characters --
+   the start is what matters) against the normalized response, edit costs 1 except skipped response
+   characters (0.5, see TEXT_GAP_COST); score = 1 - cost / len(quote). Accepted when score >= `fuzzy_threshold` and the normalized quote has at least
    `min_fuzzy_chars` characters (short quotes match anywhere). Ties go to the earliest end.
 
 A quote abbreviated with an ellipsis ("a = 3 ... so b = 7") is also tried as its part before the
@@ -114,37 +114,43 @@ def normalize(text: str) -> str:
     return normalize_with_map(text)[0]
 
 
+# Skipping response characters the quote left out (an abbreviated quote) costs less than a wrong
+# character: "So total is" should align with "So the total is" from "So", not from "he total is".
+TEXT_GAP_COST = 0.5
+
+
 def _semiglobal_costs(query: str, text: str, *, anchored: bool = False) -> np.ndarray:
-    """D[j] = min edit distance between `query` and any substring of `text` ending at j (len n+1);
-    with `anchored` the substring must start at 0, i.e. D[j] = edit(query, text[:j])."""
+    """D[j] = min alignment cost of `query` against any substring of `text` ending at j (len n+1); with
+    `anchored` the substring must start at 0. Costs: substitution 1, query char unmatched 1, text char
+    skipped TEXT_GAP_COST. One numpy pass per query char; the in-row dependency is a running minimum."""
     n = len(text)
     t = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) if n else np.zeros(0, np.uint32)
-    idx = np.arange(n + 1, dtype=np.int64)
-    # empty query: distance 0 at every end (free start), or j deletions when anchored at 0
-    prev = idx.copy() if anchored else np.zeros(n + 1, dtype=np.int64)
-    a = np.empty(n + 1, dtype=np.int64)
+    gap = TEXT_GAP_COST * np.arange(n + 1, dtype=np.float64)
+    # empty query: cost 0 at every end (free start), or j skipped text chars when anchored at 0
+    prev = gap.copy() if anchored else np.zeros(n + 1, dtype=np.float64)
+    a = np.empty(n + 1, dtype=np.float64)
     for i, qc in enumerate(query, start=1):
-        cost = (t != ord(qc)).astype(np.int64)
-        a[0] = i
+        cost = (t != ord(qc)).astype(np.float64)
+        a[0] = prev[0] + 1
         np.minimum(prev[:-1] + cost, prev[1:] + 1, out=a[1:])
-        # horizontal moves (insertions in the text): D[j] = min_{j'<=j} a[j'] + (j - j')
-        prev = np.minimum.accumulate(a - idx) + idx
+        # skipping text chars: D[j] = min_{j'<=j} a[j'] + gap * (j - j')
+        prev = np.minimum.accumulate(a - gap) + gap
     return prev
 
 
 def fuzzy_find(query: str, text: str) -> tuple[int, int, float]:
-    """Best approximate occurrence of `query` in `text`: (start, end, similarity in [0, 1])."""
+    """Best approximate occurrence of `query` in `text`: (start, end, similarity = 1 - cost / len)."""
     m = len(query)
     if m == 0 or not text:
         return 0, 0, 0.0
     fwd = _semiglobal_costs(query, text)
     end = int(np.argmin(fwd))  # first minimum = earliest end
-    dist = int(fwd[end])
-    # start: align the reversed query against the reversed text[:end]
+    dist = float(fwd[end])
+    # start: align the reversed query against the reversed text[:end], anchored at `end`
     rev = _semiglobal_costs(query[::-1], text[:end][::-1], anchored=True)
-    best = int(rev.min())
+    best = rev.min()
     # among equally good starts take the earliest one (longest reversed match)
-    length = int(np.flatnonzero(rev == best)[-1])
+    length = int(np.flatnonzero(rev <= best + 1e-9)[-1])
     return end - length, end, max(0.0, 1.0 - dist / m)
 
 
