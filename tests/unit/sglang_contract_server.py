@@ -43,11 +43,16 @@ class InProcessBroadcast:
     `/update_weights_from_distributed` takes them in order (both ends run in this process)."""
 
     def __init__(self) -> None:
-        self.channel: queue.Queue = queue.Queue()
+        self.channels: list[queue.Queue] = []  # one per server, like one receiving rank per server
+
+    def new_channel(self) -> queue.Queue:
+        self.channels.append(queue.Queue())
+        return self.channels[-1]
 
     def broadcast_fn(self, tensor: torch.Tensor, src: int, group) -> None:
         assert src == 0 and group == "in-process-group"
-        self.channel.put(tensor.clone())
+        for channel in self.channels:
+            channel.put(tensor.clone())
 
     def group_init_fn(self, master_address, master_port, rank, world_size, group_name, backend):
         assert rank == 0
@@ -56,7 +61,8 @@ class InProcessBroadcast:
 
 class ContractServer:
     def __init__(self, engine: EmbeddedEngine, broadcast: InProcessBroadcast | None = None) -> None:
-        self.engine, self.broadcast = engine, broadcast
+        self.engine = engine
+        self.channel = broadcast.new_channel() if broadcast is not None else None
         self.faults = Faults()
         self.calls: list[tuple[str, dict]] = []
         self.version = str(engine.weight_version)
@@ -64,17 +70,28 @@ class ContractServer:
         self._running = threading.Event()
         self._running.set()
         self.group: dict | None = None
+        self.connections: set[socket.socket] = set()
+        self.stopped = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self.httpd.daemon_threads = True
+        # stop() joins the handler threads, so none is left running torch at interpreter exit.
+        self.httpd.daemon_threads = False
+        self.httpd.block_on_close = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
         self.alive = True
 
     def stop(self) -> None:
+        """Stops listening and cuts every open (keep-alive) connection, like a crashed process."""
         if self.alive:
             self.alive = False
+            self.stopped.set()
             self.httpd.shutdown()
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self.httpd.server_close()
 
     def paths(self) -> list[str]:
@@ -139,11 +156,11 @@ class ContractServer:
         self.version = str(req.get("weight_version", self.version))
 
     def update_from_distributed(self, req: dict) -> None:
-        if self.group is None or req.get("group_name") != self.group["group_name"]:
+        if self.channel is None or self.group is None or req.get("group_name") != self.group["group_name"]:
             raise ValueError("no weight update group with that name")
         named = []
         for name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
-            t = self.broadcast.channel.get(timeout=10)
+            t = self.channel.get(timeout=10)
             if str(t.dtype).removeprefix("torch.") != dtype or list(t.shape) != list(shape):
                 raise ValueError(f"{name}: received {t.dtype} {list(t.shape)}, announced {dtype} {shape}")
             named.append((name, t))
@@ -157,6 +174,17 @@ def _make_handler(server: ContractServer):
         def log_message(self, *args):  # keep test output quiet
             pass
 
+        def setup(self):
+            super().setup()
+            server.connections.add(self.connection)
+
+        def finish(self):
+            server.connections.discard(self.connection)
+            try:
+                super().finish()
+            except OSError:
+                pass
+
         def _send(self, status: int, body) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -166,6 +194,8 @@ def _make_handler(server: ContractServer):
             self.wfile.write(data)
 
         def do_GET(self):
+            if not server.alive:
+                return self._die()
             server.calls.append((self.path, {}))
             f = server.faults
             if self.path in ("/health", "/health_generate"):
@@ -183,6 +213,8 @@ def _make_handler(server: ContractServer):
                 req = json.loads(self.rfile.read(length) or b"{}")
             except ValueError:
                 return self._send(400, {"error": "body is not JSON"})
+            if not server.alive:
+                return self._die()
             server.calls.append((self.path, req))
             f = server.faults
             try:
@@ -191,8 +223,8 @@ def _make_handler(server: ContractServer):
                         f.die_on_generate -= 1
                         if f.die_on_generate == 0:
                             return self._die()
-                    if f.delay_s:
-                        time.sleep(f.delay_s)
+                    if f.delay_s and server.stopped.wait(f.delay_s):
+                        return self._die()
                     if f.fail_next:
                         f.fail_next -= 1
                         return self._send(500, {"error": "injected failure"})
@@ -226,6 +258,7 @@ def _make_handler(server: ContractServer):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            threading.Thread(target=server.stop, daemon=True).start()
+            if server.alive:
+                threading.Thread(target=server.stop, daemon=True).start()
 
     return Handler
