@@ -258,23 +258,20 @@ def load_hf_into_model(model, hf_dir_or_state, hf_config) -> None:
             targets[name].copy_(src.to(dtype=targets[name].dtype))
 
 
-def gather_hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
-    """The full HF state dict (CPU tensors, padding dropped), assembled over the TP and PP groups and
-    returned on every rank. Collective: every rank of the model-parallel group must call it."""
+def gather_to_hf(local: dict[str, torch.Tensor], hf_config, *, where: str = "gathered model state") -> dict:
+    """HF-named full tensors from this rank's Megatron-named tensors (parameters, or their gradients),
+    assembled over the TP and PP groups; the result is on every rank. Collective over the model-parallel
+    group. Padding rows are dropped; a tied LM head is taken from the embedding (stage 0)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_copsd.megatron.model_provider import unwrap_model
-
     hf_config = load_hf_config(hf_config)
-    inner = unwrap_model(model)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     pp_rank, pp_size = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
-    local = {k: v.detach() for k, v in inner.state_dict().items() if not k.endswith("_extra_state")}
     tp_states: list[dict] = [dict() for _ in range(tp_size)]
-    for name in sorted(local):
-        t = local[name].contiguous()
+    for name in sorted(local):  # same order on every rank: the all_gathers pair up
+        t = local[name].detach().contiguous()
         if tp_size > 1:
             parts = [torch.empty_like(t) for _ in range(tp_size)]
             dist.all_gather(parts, t, group=tp_group)
@@ -287,8 +284,17 @@ def gather_hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
         stages: list = [None] * pp_size
         dist.all_gather_object(stages, stage, group=parallel_state.get_pipeline_model_parallel_group())
         stage = {k: v for s in stages for k, v in s.items()}
-    validate_hf_state(stage, hf_config, where="gathered model state")
+    validate_hf_state(stage, hf_config, where=where)
     return stage
+
+
+def gather_hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
+    """The full HF state dict (CPU tensors, padding dropped), assembled over the TP and PP groups and
+    returned on every rank. Collective: every rank of the model-parallel group must call it."""
+    from megatron_copsd.megatron.model_provider import unwrap_model
+
+    local = {k: v for k, v in unwrap_model(model).state_dict().items() if not k.endswith("_extra_state")}
+    return gather_to_hf(local, hf_config)
 
 
 # ----------------------------------------------------------------------------------- saving
