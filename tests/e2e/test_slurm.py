@@ -7,6 +7,7 @@ project's python (`sys.executable`) through COPSD_PYTHON.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -101,6 +102,25 @@ def test_shellcheck_clean():
     assert files, "no scripts in slurm/"
     proc = subprocess.run([exe, "-x", "--shell=bash", *map(str, files)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script,module", [
+    ("convert.sbatch", "megatron_copsd.checkpoint.cli"),
+    ("eval.sbatch", "megatron_copsd.eval.cli"),
+    ("bench_kernels.sbatch", "copsd_kernels.bench"),
+])
+def test_passthrough_sbatch_help(slurm_cluster, tmp_path, script, module):
+    """The one-command scripts run their `copsd` subcommand through srun with the arguments given."""
+    if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None or importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} has not landed yet")
+    name = f"{script.split('.')[0]}-{uuid.uuid4().hex[:6]}"
+    job = slurm_cluster.sbatch(["--ntasks=1", "--cpus-per-task=1", "--mem=1G", "--gpus-per-node=0",
+                                f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", "--time=2",
+                                str(SLURM_DIR / script), "--help"], env=_job_env(tmp_path), cwd=tmp_path)
+    info = slurm_cluster.wait(job, timeout=90)
+    log = _job_log(tmp_path, name, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert "usage" in log.lower(), log
 
 
 def _need_trainer():
