@@ -1,0 +1,269 @@
+"""Benchmark of the fused divergence against materializing baselines (`copsd bench-kernels`).
+
+    copsd bench-kernels --mode cpu --T 4096 --H 256 --V 32768 --out-dir bench_out
+    copsd bench-kernels --mode gpu --out-dir bench_out            # shapes of docs/kernels.md
+    python tools/bench_kernels.py --mode cpu --impls chunked,naive --repeat 1
+
+Every (case, implementation) runs in its own subprocess, so peak memory is that run's alone:
+CPU: wall time of forward+backward (median of --repeat after one warm-up) and peak RSS minus the RSS after
+building the inputs. GPU: CUDA events, forward and backward separately (median of --repeat >= 20 after
+warm-up), TFLOP/s on the 4-GEMM count (student logits, teacher logits, dH, dW = 8 T H V FLOP), peak
+allocated memory minus the inputs, max per-token error vs float64 on the first 256 tokens.
+Implementations: fused (triton on GPU, chunked on CPU), chunked, naive (fp32 materialized logits, the
+reference module), refcode (the COPSD reference code's loss: generalized JSD on materialized logits),
+liger / liger_compile (LigerFusedLinearJSDLoss, eager / torch.compile; JSD only, skipped if not installed).
+Writes <out-dir>/bench_<device>.csv (with the device name) and a PNG plot; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+IMPLS = ("fused", "chunked", "naive", "refcode", "liger", "liger_compile")
+GPU_SHAPES = [(t, h, 151936) for t in (4096, 8192, 16384) for h in (2560, 4096)]
+
+
+def _inputs(T, H, V, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(T, H, generator=g).to(device, dtype)
+    ht = (hs.float().cpu() + 0.5 * torch.randn(T, H, generator=g)).to(device, dtype)
+    w = (torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)).to(device, dtype)
+    mask = torch.rand(T, generator=g) > 0.4  # 40% masked tokens
+    return hs, ht, w, mask.to(device)
+
+
+def _beta(args):
+    return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(args.divergence, args.beta)
+
+
+def _loss_fn(impl, args, device):
+    """Returns f(hs, ht, w, mask) -> (scalar loss, per_token or None) for one implementation."""
+    import copsd_kernels
+    from copsd_kernels import reference as ref
+
+    kw = dict(divergence=args.divergence, beta=args.beta, temperature=args.tau, token_clip=args.clip)
+    if impl in ("fused", "chunked"):
+        which = "auto" if impl == "fused" else "chunked"
+
+        def f(hs, ht, w, mask):
+            lw = mask.float() / mask.sum().clamp_min(1)
+            out = copsd_kernels.fused_linear_divergence(hs, ht, w, loss_weight=lw, impl=which, **kw)
+            return out.loss, out.per_token
+        return f
+    if impl == "naive":
+        def f(hs, ht, w, mask):
+            lw = mask.float() / mask.sum().clamp_min(1)
+            out = ref.fused_linear_divergence(hs, ht, w, loss_weight=lw, compute_dtype=torch.float32, **kw)
+            return out.loss, out.per_token
+        return f
+    if impl == "refcode":
+        def f(hs, ht, w, mask):
+            with torch.no_grad():
+                teacher_logits = ht @ w.T
+            loss = ref.reference_code_jsd_loss(hs @ w.T, teacher_logits, beta=_beta(args), temperature=args.tau,
+                                               token_clip=args.clip, mask=mask)
+            return loss, None
+        return f
+    if impl in ("liger", "liger_compile"):
+        if args.divergence != "jsd" or args.clip is not None:
+            raise NotImplementedError("Liger's fused linear JSD has no clip and only the JSD family")
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        mod = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=args.beta,
+                                      temperature=args.tau, compiled=impl == "liger_compile")
+
+        def f(hs, ht, w, mask):
+            labels = torch.where(mask, torch.zeros_like(mask, dtype=torch.long), torch.full_like(mask, -100,
+                                                                                                 dtype=torch.long))
+            return mod(hs, w, ht, w.detach(), labels), None
+        return f
+    raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+def _rss():
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _worker(args) -> dict:
+    """One (case, impl) measurement inside this process."""
+    device = "cuda" if args.mode == "gpu" else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    hs, ht, w, mask = _inputs(args.T, args.H, args.V, device, dtype)
+    f = _loss_fn(args.impl, args, device)
+    hs.requires_grad_(), w.requires_grad_()
+    row = dict(impl=args.impl, T=args.T, H=args.H, V=args.V, divergence=args.divergence, beta=args.beta,
+               tau=args.tau, clip=args.clip, dtype=args.dtype)
+    if device == "cpu":
+        base = _rss()
+        times = []
+        for i in range(args.repeat + 1):
+            hs.grad = w.grad = None
+            t0 = time.perf_counter()
+            loss, _ = f(hs, ht, w, mask)
+            loss.backward()
+            if i > 0 or args.repeat == 0:  # the first run is warm-up (torch.compile, allocator)
+                times.append(time.perf_counter() - t0)
+        row.update(device=_cpu_name(), fwd_bwd_s=statistics.median(times), peak_mem_gb=(_peak_rss() - base) / 1e9)
+        return row
+    return _gpu_measure(f, hs, ht, w, mask, args, row)
+
+
+def _gpu_measure(f, hs, ht, w, mask, args, row):
+    from copsd_kernels import reference as ref
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd, bwd = [], []
+    for i in range(args.warmup + args.repeat):
+        hs.grad = w.grad = None
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        loss, per_token = f(hs, ht, w, mask)
+        e1.record()
+        loss.backward()
+        e2.record()
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            fwd.append(e0.elapsed_time(e1) / 1e3)
+            bwd.append(e1.elapsed_time(e2) / 1e3)
+    peak = torch.cuda.max_memory_allocated() - base
+    err = float("nan")
+    if per_token is not None:  # float64 check on a slice: the full float64 problem would not fit
+        n = min(256, args.T)
+        want = ref.fused_linear_divergence(hs[:n].detach().double(), ht[:n].double(), w.detach().double(),
+                                           divergence=args.divergence, beta=args.beta, temperature=args.tau)
+        err = float((per_token[:n].double() - want.per_token).abs().max())
+    t = statistics.median(fwd) + statistics.median(bwd)
+    row.update(device=torch.cuda.get_device_name(), fwd_s=statistics.median(fwd), bwd_s=statistics.median(bwd),
+               fwd_bwd_s=t, tflops=8 * args.T * args.H * args.V / t / 1e12, peak_mem_gb=peak / 1e9,
+               max_err_vs_fp64=err)
+    return row
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"cpu x{os.cpu_count()}"
+
+
+def _run_case(args, impl, T, H, V) -> dict | None:
+    cmd = [sys.executable, "-m", "copsd_kernels.bench", "--worker", "--impl", impl, "--mode", args.mode,
+           "--T", str(T), "--H", str(H), "--V", str(V), "--divergence", args.divergence, "--beta", str(args.beta),
+           "--tau", str(args.tau), "--dtype", args.dtype, "--repeat", str(args.repeat), "--warmup", str(args.warmup)]
+    if args.clip is not None:
+        cmd += ["--clip", str(args.clip)]
+    print(f"[bench] {impl:14s} T={T} H={H} V={V} {args.divergence} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"[bench]   skipped: {tail[0][:200]}", file=sys.stderr, flush=True)
+        return None
+    row = json.loads(lines[-1])
+    print(f"[bench]   {row['fwd_bwd_s']:.3f} s, peak +{row['peak_mem_gb']:.3f} GB", file=sys.stderr, flush=True)
+    return row
+
+
+def _write_outputs(rows, out_dir, device):
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in device)[:60]
+    path = os.path.join(out_dir, f"bench_{slug}.csv")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "device", k))
+    with open(path + ".tmp", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['impl']}\nT={r['T']} H={r['H']}" for r in rows]
+    axes[0].bar(labels, [r["fwd_bwd_s"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("forward + backward (s)")
+    axes[1].bar(labels, [r["peak_mem_gb"] for r in rows], color="tab:orange")
+    axes[1].set_ylabel("peak extra memory (GB)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+    fig.suptitle(f"fused linear {rows[0]['divergence']} on {device}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"bench_{slug}.png"), dpi=120)
+    return path
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="copsd bench-kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--impls", default=None, help=f"comma list from {IMPLS}")
+    p.add_argument("--T", type=int, default=None)
+    p.add_argument("--H", type=int, default=None)
+    p.add_argument("--V", type=int, default=None)
+    p.add_argument("--divergence", default="jsd", choices=("forward_kl", "reverse_kl", "jsd"))
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"))
+    p.add_argument("--repeat", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out-dir", default="bench_out")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.mode == "auto":
+        args.mode = "gpu" if torch.cuda.is_available() else "cpu"
+    gpu = args.mode == "gpu"
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.repeat = args.repeat if args.repeat is not None else (20 if gpu else 3)
+    if args.worker:
+        print(json.dumps(_worker(args)), flush=True)
+        return 0
+    if gpu and not torch.cuda.is_available():
+        raise ValueError("--mode gpu needs a CUDA device")
+    if gpu and args.repeat < 20:
+        print("[bench] warning: the protocol asks for --repeat >= 20 on GPU", file=sys.stderr)
+    impls = args.impls.split(",") if args.impls else list(IMPLS)
+    for impl in impls:
+        if impl not in IMPLS:
+            raise ValueError(f"--impls: unknown implementation {impl!r}; choose from {IMPLS}")
+    shapes = [(args.T, args.H, args.V)] if args.T else (GPU_SHAPES if gpu else [(4096, 256, 32768)])
+    rows = [r for shape in shapes for impl in impls if (r := _run_case(args, impl, *shape))]
+    if not rows:
+        print("[bench] no case ran", file=sys.stderr)
+        return 1
+    path = _write_outputs(rows, args.out_dir, rows[0]["device"])
+    base = {(r["T"], r["H"], r["V"]): r for r in rows if r["impl"] == "naive"}
+    for r in rows:
+        b = base.get((r["T"], r["H"], r["V"]))
+        ratio = "" if b is None else (f"  time x{r['fwd_bwd_s'] / b['fwd_bwd_s']:.2f}, "
+                                      f"memory x{r['peak_mem_gb'] / max(b['peak_mem_gb'], 1e-9):.3f} of naive")
+        print(f"{r['impl']:14s} T={r['T']} H={r['H']} V={r['V']}: {r['fwd_bwd_s']:.3f} s, "
+              f"+{r['peak_mem_gb']:.3f} GB{ratio}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
