@@ -1,69 +1,71 @@
 #!/bin/bash
-# The SGLang servers of one node (and, on the step's first node, the router), as one task of an srun step.
-# Started by slurm/train.sbatch (one task per server node), never by hand:
+# The SGLang servers of one node (and optionally the router), as one task of an srun step. Started by
+# slurm/train.sbatch with one task per server node, which reads the arguments from the run config:
 #
-#   srun --nodes=K --ntasks-per-node=1 --nodelist=... bash slurm/sglang_servers.sh ROUTER_URL [copsd train args...]
+#   srun --nodes=K --ntasks-per-node=1 ... bash slurm/sglang_servers.sh MODEL_PATH TP MEM_FRACTION NUM_SERVERS
 #
-# ROUTER_URL is http://<first server node>:<port>. The `copsd train` arguments (--config X.yaml key=value ...)
-# go to `python -m megatron_copsd.rollout.launch`, which derives every SGLang flag (model path, TP size,
-# memory fraction) from the run config -- no SGLang option is spelled here. Each node runs
-# COPSD_GPUS_PER_NODE / COPSD_SGLANG_TP servers on consecutive GPU slices and ports
-# COPSD_SGLANG_PORT (default 31000), +1, ...; the trainer waits for /health_generate before the first rollout.
-# SIGTERM (sent by train.sbatch through srun when training ends) stops the servers this script started.
+# Server i of the node gets GPUs [i*TP, (i+1)*TP) and port COPSD_SGLANG_PORT + i (default 30000 + i). The
+# command lines come from `python -m megatron_copsd.rollout.launch` (no SGLang flag is spelled here).
+# With COPSD_SGLANG_ROUTER=1 the step's first task also starts `sglang_router` on COPSD_ROUTER_PORT
+# (default 30100) with every server of the step as a worker. COPSD_SGLANG_PYTHON picks the python that has
+# sglang installed (default: COPSD_PYTHON). Logs: $LOG_DIR/sglang-<host>-<i>.log, sglang-router.log.
+# Exits when one server dies, or on SIGTERM (sent through srun when training ends), stopping exactly the
+# processes it started.
 set -euo pipefail
 
-router_url=${1:?usage: sglang_servers.sh ROUTER_URL [copsd train args...]}
-shift
-# shellcheck source=slurm/common.sh
-source "${COPSD_ROOT:?set by train.sbatch}/slurm/common.sh"
-
-gpus_per_node=${COPSD_GPUS_PER_NODE:-8}
-server_tp=${COPSD_SGLANG_TP:-1}
-base_port=${COPSD_SGLANG_PORT:-31000}
-router_port=${router_url##*:}
-if (( server_tp < 1 || gpus_per_node % server_tp != 0 )); then
-    echo "sglang_servers.sh: COPSD_SGLANG_TP=$server_tp must divide COPSD_GPUS_PER_NODE=$gpus_per_node" >&2
+if [ $# -ne 4 ]; then
+    echo "usage: sglang_servers.sh MODEL_PATH TP MEM_FRACTION NUM_SERVERS" >&2
     exit 2
 fi
-num_servers=$(( gpus_per_node / server_tp ))
+model_path=$1 server_tp=$2 mem_fraction=$3 num_servers=$4
+# shellcheck source=slurm/common.sh
+source "${COPSD_ROOT:?set by train.sbatch}/slurm/common.sh"
+sglang_python=${COPSD_SGLANG_PYTHON:-$COPSD_PYTHON}
+base_port=${COPSD_SGLANG_PORT:-30000}
 host=$(hostname)
 
 pids=()
 # shellcheck disable=SC2317  # reached through the trap below
-stop_servers() {
-    copsd_log "stopping ${#pids[@]} SGLang processes on $host"
+stop_all() {
     if (( ${#pids[@]} )); then
+        copsd_log "stopping ${#pids[@]} SGLang processes on $host"
         kill -TERM "${pids[@]}" 2>/dev/null || true
     fi
 }
-trap stop_servers TERM INT
+trap stop_all TERM INT
+
+# launch.py prints the argv one argument per line.
+launch() {
+    local out
+    out=$("$COPSD_PYTHON" -m megatron_copsd.rollout.launch "$@" --python "$sglang_python")
+    mapfile -t cmd <<<"$out"
+}
 
 for (( i = 0; i < num_servers; i++ )); do
     first_gpu=$(( i * server_tp ))
-    devices=$(seq -s, "$first_gpu" $(( first_gpu + server_tp - 1 )))
-    CUDA_VISIBLE_DEVICES=$devices "$COPSD_PYTHON" -m megatron_copsd.rollout.launch server \
-        --host 0.0.0.0 --port $(( base_port + i )) "$@" > "$LOG_DIR/sglang-$host-$i.log" 2>&1 &
+    launch server --model-path "$model_path" --tp "$server_tp" --mem-fraction "$mem_fraction" \
+        --host 0.0.0.0 --port $(( base_port + i ))
+    CUDA_VISIBLE_DEVICES=$(seq -s, "$first_gpu" $(( first_gpu + server_tp - 1 ))) \
+        "${cmd[@]}" > "$LOG_DIR/sglang-$host-$i.log" 2>&1 &
     pids+=("$!")
 done
-copsd_log "$num_servers SGLang servers on $host (GPUs per server: $server_tp, ports from $base_port)"
+copsd_log "$num_servers SGLang servers on $host (TP=$server_tp, ports $base_port..$(( base_port + num_servers - 1 )))"
 
-# The first task of the step also runs the router in front of every server of every server node.
-if [ "${SLURM_PROCID:-0}" = 0 ]; then
+if [ "${COPSD_SGLANG_ROUTER:-0}" = 1 ] && [ "${SLURM_PROCID:-0}" = 0 ]; then
     workers=()
     while IFS= read -r node; do
         for (( i = 0; i < num_servers; i++ )); do
-            workers+=("http://$node:$(( base_port + i ))")
+            workers+=(--worker "http://$node:$(( base_port + i ))")
         done
     done < <(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}")
-    "$COPSD_PYTHON" -m megatron_copsd.rollout.launch router --host 0.0.0.0 --port "$router_port" \
-        --worker-urls "${workers[@]}" > "$LOG_DIR/sglang-router.log" 2>&1 &
+    launch router --host 0.0.0.0 --port "${COPSD_ROUTER_PORT:-30100}" "${workers[@]}"
+    "${cmd[@]}" > "$LOG_DIR/sglang-router.log" 2>&1 &
     pids+=("$!")
-    copsd_log "router $router_url over ${#workers[@]} servers"
+    copsd_log "router http://$host:${COPSD_ROUTER_PORT:-30100} over $(( ${#workers[@]} / 2 )) servers"
 fi
 
-# Exit as soon as one server dies (the trainer then fails its health check loudly) or on SIGTERM.
 rc=0
 wait -n "${pids[@]}" || rc=$?
-stop_servers
+stop_all
 wait || true
 exit "$rc"
