@@ -1,0 +1,170 @@
+"""From examples to graded rollouts to `TrainItem`s: prompts, data order, generation, grading.
+
+    prepared = prepare_examples(examples, tok, include_problem_en=True, include_reference_solution_en=True,
+                                max_prompt_tokens=1024, with_teacher=True)
+    sampler = PromptSampler(len(prepared), seed=1234, shuffle=True)       # state_dict() / load_state_dict()
+    batch = [prepared[i] for i in sampler.next_indices(4)]
+    rollouts = generate_and_grade(engine, batch, sampling, grader, tok)  # rank 0 only
+    items, stats = make_train_items(batch, rollouts, objective="grpo", n=4, std_normalize=True)
+
+Rollouts are produced on one rank and broadcast (`broadcast_object`) so every rank trains on identical
+data; the per-step sampling seed is `step_seed(seed, step)`, so a resumed run draws the same samples.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_copsd.batching import TrainItem
+
+
+@dataclass
+class PreparedExample:
+    example: Any  # data.loaders.Example
+    student_ids: list[int]
+    teacher_ids: list[int]
+
+
+@dataclass
+class Rollout:
+    """One graded sample, as broadcast from the rollout rank."""
+
+    prompt_pos: int  # index in the step's prompt batch
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+    correct: bool
+    formatted: bool
+    extracted: Optional[str]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of a step: a hash of (seed, step), stable across runs and resumes."""
+    h = hashlib.sha256(f"copsd-rollout:{seed}:{step}".encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+def prepare_examples(examples, tok, *, include_problem_en: bool, include_reference_solution_en: bool,
+                     max_prompt_tokens: int, with_teacher: bool) -> tuple[list[PreparedExample], int]:
+    """Renders student (and COPSD teacher) prompts; drops examples whose prompts exceed the limit.
+    Returns (prepared, number dropped)."""
+    from megatron_copsd.data.prompts import copsd_teacher_prompt, student_prompt
+
+    out, dropped = [], 0
+    for ex in examples:
+        s = student_prompt(tok, ex.lang, ex.problem).ids
+        t = s
+        if with_teacher:
+            t = copsd_teacher_prompt(tok, ex.lang, ex.problem, ex.problem_en, ex.solution_en,
+                                     include_problem_en=include_problem_en,
+                                     include_reference_solution_en=include_reference_solution_en).ids
+        if max(len(s), len(t)) > max_prompt_tokens:
+            dropped += 1
+            continue
+        out.append(PreparedExample(ex, s, t))
+    return out, dropped
+
+
+class PromptSampler:
+    """Epoch-wise (optionally shuffled) order over the training prompts; resumable."""
+
+    def __init__(self, num: int, *, seed: int, shuffle: bool = True) -> None:
+        if num < 1:
+            raise ValueError("no training examples left (check data.train_path, data.langs, data.max_prompt_tokens)")
+        self.num, self.seed, self.shuffle = num, seed, shuffle
+        self.epoch, self.pos = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.num))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_indices(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            order = self._order(self.epoch)
+            take = min(k - len(out), self.num - self.pos)
+            out += order[self.pos:self.pos + take]
+            self.pos += take
+            if self.pos == self.num:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "num": self.num}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num"] != self.num:
+            raise ValueError(f"resume: the checkpoint saw {state['num']} training prompts, this run has {self.num}")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def generate_and_grade(engine, batch: Sequence[PreparedExample], sampling, grader: Callable, tok) -> list[Rollout]:
+    """Samples `sampling.n` responses per prompt and grades them (call on the rollout rank only)."""
+    samples = engine.generate([p.student_ids for p in batch], sampling)
+    out = []
+    for pos, per_prompt in enumerate(samples):
+        for s in per_prompt:
+            text = tok.decode(s.response_ids, skip_special_tokens=True)
+            g = grader(text, batch[pos].example.answer)
+            out.append(Rollout(pos, list(s.response_ids), list(s.logprobs), s.finish_reason, text,
+                               bool(g.correct), bool(g.formatted), g.extracted))
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from global rank `src` to every rank (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def make_train_items(batch: Sequence[PreparedExample], rollouts: Sequence[Rollout], *, objective: str, n: int,
+                     std_normalize: bool = True) -> tuple[list[TrainItem], dict]:
+    """Training items (empty responses dropped) and rollout statistics for the metrics."""
+    from megatron_copsd.objective import group_advantages
+
+    rewards = torch.tensor([1.0 if r.correct else 0.0 for r in rollouts])
+    adv = group_advantages(rewards, n, std_normalize=std_normalize) if objective == "grpo" else torch.zeros(len(rollouts))
+    items = []
+    for i, (r, a) in enumerate(zip(rollouts, adv.tolist())):
+        if not r.response_ids:
+            continue
+        p = batch[r.prompt_pos]
+        items.append(TrainItem(p.student_ids, p.teacher_ids, r.response_ids, rollout_logprobs=r.logprobs,
+                               advantage=a, index=i))
+    num = max(1, len(rollouts))
+    lengths = [len(r.response_ids) for r in rollouts]
+    stats = {
+        "reward": float(rewards.mean()) if len(rollouts) else 0.0,
+        "accuracy": float(rewards.mean()) if len(rollouts) else 0.0,
+        "format_rate": sum(r.formatted for r in rollouts) / num,
+        "response_len": sum(lengths) / num,
+        "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / num,
+        "num_rollouts": len(rollouts),
+    }
+    if objective == "grpo":
+        groups = rewards.view(-1, n)
+        stats["zero_adv_groups"] = int((groups.max(1).values == groups.min(1).values).sum())
+    return items, stats
+
+
+def sft_items(batch: Sequence[PreparedExample], tok) -> list[TrainItem]:
+    """Supervised items: the student prompt followed by the example's reference solution and a stop token."""
+    items = []
+    stop = tok.stop_token_ids[0] if tok.stop_token_ids else tok.eos_token_id
+    for i, p in enumerate(batch):
+        sol = p.example.solution_en
+        if not sol:
+            raise ValueError(f"objective.name=sft needs solutions; example {p.example.id!r} has none")
+        items.append(TrainItem(p.student_ids, p.student_ids, tok.encode(sol) + [stop], index=i))
+    return items

@@ -1,0 +1,383 @@
+"""The training loop: rollout -> grade -> teacher scoring -> objective -> step -> sync -> log -> save/eval.
+
+    result = Trainer(cfg).run()      # every rank; see megatron_copsd/train.py for the command line
+
+One step: the rollout rank samples `rollout.n` responses for `data.prompts_per_step` prompts (seed
+derived from (train.seed, step)), grades them and broadcasts them; every rank builds the aligned
+student/teacher sequences, takes its data-parallel share, packs micro-batches by token budget, runs
+the teacher (forward only) and the student (forward + backward) through Megatron's pipeline schedule,
+steps the optimizer unless the loss is non-finite, syncs the new weights to the rollout engine, logs,
+and checkpoints / evaluates on schedule. SIGUSR1 / SIGTERM finish the step, save and exit cleanly.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_copsd import experience as xp
+from megatron_copsd.batching import collate, num_response_tokens, pack_microbatches, shard_for_dp
+from megatron_copsd.checkpoint import state as ckpt
+from megatron_copsd.config import Config, resolve_dtype, save_config
+from megatron_copsd.metrics_log import MetricsLogger
+from megatron_copsd.rollout.types import SamplingParams
+from megatron_copsd.train_step import METRIC_KEYS, ObjectiveSpec, student_pass, teacher_pass
+
+ROLLOUT_RANK = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        from megatron_copsd import run_setup
+        from megatron_copsd.data.graders import get_grader
+        from megatron_copsd.data.tokenizer import load_tokenizer
+        from megatron_copsd.megatron.dist import init_distributed
+        from megatron_copsd.megatron.model_provider import load_hf_config
+
+        self.cfg = cfg
+        self.info = init_distributed(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend, seed=cfg.train.seed)
+        self.rank = self.info.rank
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        torch.manual_seed(cfg.train.seed)
+        train_ex, eval_ex, self.hf_dir = _resolve_data_and_model(cfg, self.out, self.rank)
+        self.tok = load_tokenizer(cfg.model.tokenizer_path or self.hf_dir)
+        self.hf_config = load_hf_config(self.hf_dir)
+        self.grader = get_grader(cfg.data.task)
+        with_teacher = cfg.objective.name in ("copsd", "sampled_kl")
+        prep = dict(include_problem_en=cfg.data.include_problem_en, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                    include_reference_solution_en=cfg.data.include_reference_solution_en)
+        self.train_set, self.dropped = xp.prepare_examples(train_ex, self.tok, with_teacher=with_teacher, **prep)
+        self.eval_set, _ = xp.prepare_examples(eval_ex, self.tok, with_teacher=False, **prep)
+        self.sampler = xp.PromptSampler(len(self.train_set), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+
+        dtype = resolve_dtype(cfg, torch.cuda.is_available())
+        self.policy = run_setup.build_policy(cfg, self.hf_dir, self.hf_config, dtype)
+        needs_teacher = cfg.objective.name in ("copsd", "sampled_kl") or cfg.objective.kl_coef > 0
+        mode = cfg.objective.teacher if needs_teacher else "dynamic"
+        if cfg.objective.name == "grpo" and cfg.objective.kl_coef > 0:
+            mode = "fixed"  # the KL reference is the initial model
+        self.teacher = run_setup.Teacher(mode, self.policy,
+                                         lambda: run_setup.build_frozen_copy(cfg, self.hf_dir, self.hf_config, dtype),
+                                         decay=cfg.objective.ema_decay, offload=cfg.objective.offload_teacher)
+        o = cfg.objective
+        self.spec = ObjectiveSpec(
+            name=o.name, divergence=o.divergence, beta=o.beta, temperature=o.temperature, token_clip=o.token_clip,
+            teacher_top_k=o.teacher_top_k, rollout_temperature=cfg.rollout.temperature,
+            clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high, kl_coef=o.kl_coef, tis_cap=o.tis_cap,
+            valid_vocab=self.hf_config.vocab_size, separate_teacher_weights=self.teacher.separate_weights)
+        self.engine = _build_engine(cfg, self.hf_dir, self.hf_config, self.tok, self.out) if self.rank == ROLLOUT_RANK else None
+        self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
+        self._preempt = threading.Event()
+        self._resume()
+        self.log = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                 wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar,
+                                 total_steps=cfg.train.steps, start_step=self.step, config=cfg.to_dict(),
+                                 enabled=self.rank == 0)
+        self.last_eval: dict = {}
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        for step in range(self.step, cfg.train.steps):
+            t = PhaseTimer()
+            t_step = time.perf_counter()
+            with t("rollout"):
+                batch, rollouts = self.rollout(step)
+            with t("prepare"):
+                items, stats = self.make_items(batch, rollouts)
+                microbatches = self.microbatches(items)
+            with t("teacher"):
+                self.score_with_teacher(microbatches)
+            with t("train"):
+                train_metrics = self.train_step(microbatches, num_response_tokens(items))
+            with t("sync"):
+                self.sync_weights(version=step + 1)
+            self.step = step + 1
+            self.log_step(step, stats, train_metrics, t, time.perf_counter() - t_step, items)
+            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                self.save()
+            if cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                self.evaluate()
+            if self.preempted():
+                self.save()
+                self.log.message(f"preempted: checkpoint saved at step {self.step}")
+                self.log.close()
+                return {"preempted": True, "step": self.step}
+        return self.finish()
+
+    # ------------------------------------------------------------------------------------------ phases
+    def rollout(self, step: int):
+        """Prompts from the sampler (identical on every rank) and their graded rollouts (from the rollout rank)."""
+        batch = [self.train_set[i] for i in self.sampler.next_indices(self.cfg.data.prompts_per_step)]
+        if self.cfg.objective.name == "sft":
+            return batch, None
+        rollouts = None
+        if self.rank == ROLLOUT_RANK:
+            r = self.cfg.rollout
+            params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                    top_k=r.top_k, n=r.n, stop_token_ids=tuple(self.tok.stop_token_ids),
+                                    seed=xp.step_seed(self.cfg.train.seed, step))
+            rollouts = xp.generate_and_grade(self.engine, batch, params, self.grader, self.tok)
+        return batch, xp.broadcast_object(rollouts, src=ROLLOUT_RANK)
+
+    def make_items(self, batch, rollouts):
+        if rollouts is None:
+            return xp.sft_items(batch, self.tok), {}
+        return xp.make_train_items(batch, rollouts, objective=self.cfg.objective.name, n=self.cfg.rollout.n,
+                                   std_normalize=self.cfg.objective.std_normalize)
+
+    def microbatches(self, items):
+        shard = shard_for_dp(items, self.info.dp_rank, self.info.dp_size)
+        groups = pack_microbatches(shard, self.cfg.train.micro_batch_tokens)
+        return [collate(g, pad_id=self.tok.pad_token_id) for g in groups]
+
+    def score_with_teacher(self, microbatches) -> None:
+        if self.spec.teacher_output is None or not microbatches:
+            return
+        model = self.teacher.acquire()
+        teacher_pass(model, microbatches, self.spec)
+        self.teacher.release()
+
+    def train_step(self, microbatches, num_global_tokens: int) -> dict:
+        """Forward/backward over this rank's micro-batches, global metric reduction, optimizer step."""
+        policy = self.policy
+        policy.model.zero_grad_buffer()
+        policy.optimizer.zero_grad()
+        totals = {k: 0.0 for k in METRIC_KEYS}
+        if microbatches and num_global_tokens > 0:
+            teacher = self.teacher.acquire() if self.teacher.separate_weights else None
+            totals = student_pass(policy.model, microbatches, self.spec, float(num_global_tokens), teacher_model=teacher)
+            self.teacher.release()
+        elif num_global_tokens > 0:
+            raise RuntimeError("this data-parallel rank got no sequences; use fewer DP ranks or more rollouts")
+        m = _reduce_metrics(totals, self.info.tp_size)
+        out = {"loss": m["loss"], "tokens": int(m["tokens"])}
+        if num_global_tokens == 0:
+            out["skipped"] = True  # every response was empty: nothing to learn from
+            return out
+        if not torch.isfinite(torch.tensor(m["loss"])):
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            out["skipped"] = True
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"loss was non-finite in {self.nonfinite_in_a_row} consecutive steps (limit "
+                    f"train.max_nonfinite_in_a_row={self.cfg.train.max_nonfinite_in_a_row}); stopping. Try a lower "
+                    f"optim.lr, a token_clip, or check the data; last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
+            return out
+        self.nonfinite_in_a_row = 0
+        ok, grad_norm, _ = policy.optimizer.step()
+        if ok:
+            policy.scheduler.step(increment=1)
+            self.teacher.after_step()
+        out.update(_derived_metrics(m, self.spec.name))
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["lr"] = float(policy.optimizer.param_groups[0]["lr"])
+        out["skipped"] = not ok
+        return out
+
+    def sync_weights(self, version: int) -> None:
+        """Current policy weights -> rollout engine (HF names). Collective over the rollout rank's
+        model-parallel group only: the other DP replicas hold identical weights."""
+        from megatron_copsd.checkpoint.convert import gather_hf_state_dict
+
+        if self.info.dp_rank != 0:
+            return
+        state = gather_hf_state_dict(self.policy.model, self.hf_config)
+        if self.engine is not None:
+            self.engine.update_weights(state.items(), version)
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def log_step(self, step, stats, train_metrics, timer: PhaseTimer, seconds: float, items) -> None:
+        tokens = sum(it.student_len + it.teacher_len for it in items)
+        rec = {**stats, **train_metrics, **timer.times, "time/step": seconds,
+               "tokens_per_s": tokens / max(seconds, 1e-9), "nonfinite_skipped": self.nonfinite_total,
+               "dropped_prompts": self.dropped, "weight_version": step + 1}
+        self.log.log(step, rec)
+
+    def save(self) -> None:
+        from megatron.core import tensor_parallel
+
+        state = {
+            "step": self.step,
+            "model": self.policy.model.state_dict(),
+            "optimizer": self.policy.optimizer.state_dict(),
+            "scheduler": self.policy.scheduler.state_dict(),
+            "rng": ckpt.capture_rng_state(),
+            "mp_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
+            "sampler": self.sampler.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "nonfinite": (self.nonfinite_total, self.nonfinite_in_a_row),
+        }
+        ckpt.save_training_state(self.ckpt_root, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
+                                 meta={"tp": self.info.tp_size, "pp": self.info.pp_size})
+
+    def _resume(self) -> None:
+        from megatron.core import tensor_parallel
+
+        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+        if path is None:
+            return  # the engine was loaded from the same HF weights as the policy
+        state = ckpt.load_training_state(path)
+        self.policy.model.load_state_dict(state["model"])
+        self.policy.optimizer.load_state_dict(state["optimizer"])
+        self.policy.scheduler.load_state_dict(state["scheduler"])
+        ckpt.restore_rng_state(state["rng"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["mp_rng"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite"]
+        self.step = state["step"]
+        self.sync_weights(version=self.step)  # the engine must sample from the restored weights
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def evaluate(self) -> dict:
+        from megatron_copsd.evaluation import evaluate
+
+        result = {}
+        if self.rank == ROLLOUT_RANK and self.eval_set and self.cfg.eval.every >= 0:
+            result = evaluate(self.engine, self.eval_set, self.tok, self.grader, self.cfg.eval,
+                              self.out / "eval" / f"step_{self.step}", step=self.step, seed=self.cfg.train.seed,
+                              stop_token_ids=self.tok.stop_token_ids)
+            self.log.log(self.step, {"eval": True, **result})
+        if dist.is_initialized():
+            dist.barrier()
+        self.last_eval = result
+        return result
+
+    def finish(self) -> dict:
+        from megatron_copsd.checkpoint.convert import gather_hf_state_dict, save_hf_checkpoint
+
+        cfg = self.cfg
+        last = ckpt.latest_checkpoint(self.ckpt_root)
+        if last is None or ckpt.read_meta(last)["step"] != self.step:
+            self.save()
+        hf_out = None
+        if cfg.checkpoint.export_hf:
+            state = gather_hf_state_dict(self.policy.model, self.hf_config) if self.info.dp_rank == 0 else None
+            hf_out = self.out / "hf"
+            if self.rank == 0:
+                save_hf_checkpoint(state, self.hf_config, hf_out, tokenizer_dir=cfg.model.tokenizer_path or self.hf_dir)
+        if cfg.eval.every >= 0:
+            self.evaluate()
+        if dist.is_initialized():
+            dist.barrier()
+        result = {"step": self.step, "metrics": str(self.log.path), "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)),
+                  "hf": str(hf_out) if hf_out else None, "report": self.last_eval.get("report")}
+        self.log.message("done: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+        self.log.close()
+        return result
+
+    # ------------------------------------------------------------------------------------------ preemption
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._preempt.set())
+
+    def preempted(self) -> bool:
+        """True on every rank once any rank received SIGUSR1/SIGTERM (agreed with one all-reduce)."""
+        flag = torch.tensor([1.0 if self._preempt.is_set() else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _reduce_metrics(totals: dict, tp_size: int) -> dict:
+    """Sums over every rank; TP ranks of the last stage hold identical values, other stages zeros."""
+    vec = torch.tensor([float(totals.get(k, 0.0)) for k in METRIC_KEYS], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(vec)
+    vec /= tp_size
+    return dict(zip(METRIC_KEYS, vec.tolist()))
+
+
+def _derived_metrics(m: dict, objective: str) -> dict:
+    n = max(m["tokens"], 1.0)
+    out = {}
+    if objective in ("copsd", "sampled_kl"):
+        out["divergence"] = m["divergence_sum"] / n
+    if objective in ("copsd", "grpo"):
+        out["clip_fraction"] = m["clipped_tokens"] / n
+    if objective == "grpo":
+        out["ratio_mean"] = m["ratio_sum"] / n
+        out["kl"] = m["kl_sum"] / n
+        out["tis_weight_mean"] = m["tis_weight_sum"] / n
+    if objective == "sft":
+        out["nll"] = m["nll_sum"] / n
+    if m["gap_tokens"] > 0:
+        out["logprob_gap"] = m["logprob_gap_sum"] / m["gap_tokens"]
+        out["logprob_abs_gap"] = m["logprob_abs_gap_sum"] / m["gap_tokens"]
+    return out
+
+
+def _resolve_data_and_model(cfg: Config, out: Path, rank: int):
+    """Loads train/eval examples; materialises the fixture and the tiny model on rank 0 when asked for."""
+    from megatron_copsd import tiny_run
+    from megatron_copsd.data.loaders import load_copsd_training
+
+    langs = list(cfg.data.langs) or ["swa"]
+    train_path, eval_path = cfg.data.train_path, cfg.data.eval_path
+    if train_path == "fixture:tiny":
+        if rank == 0:
+            tiny_run.write_fixture(out / "data", langs=langs, seed=cfg.train.seed)
+        _barrier()
+        train_path = str(out / "data" / "fixture_train.jsonl")
+        eval_path = eval_path or str(out / "data" / "fixture_eval.jsonl")
+    train = [ex for lang in langs for ex in load_copsd_training(train_path, lang)]
+    evals = [ex for lang in langs for ex in load_copsd_training(eval_path, lang)] if eval_path else []
+    hf_dir = cfg.model.hf_path
+    if hf_dir.startswith("tiny:"):
+        hf_dir = str(out / "tiny_model")
+        if rank == 0:
+            tiny_run.materialize_tiny_model(hf_dir, cfg.model.hf_path.split(":", 1)[1],
+                                            tiny_run.tokenizer_texts(train + evals), seed=cfg.train.seed,
+                                            **cfg.model.tiny_overrides)
+        _barrier()
+    return train, evals, hf_dir
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _build_engine(cfg: Config, hf_dir, hf_config, tok, out: Path):
+    stops = tuple(dict.fromkeys(list(tok.stop_token_ids) + [tok.eos_token_id]))
+    if cfg.rollout.engine == "sglang":
+        from megatron_copsd.rollout.sglang_client import SGLangEngine
+
+        return SGLangEngine(cfg.rollout.sglang_urls, eos_token_ids=stops, weight_sync="disk",
+                            shared_dir=str(out / "weight_sync"), hf_config=hf_config)
+    from megatron_copsd.rollout.embedded import EmbeddedEngine
+
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return EmbeddedEngine(str(hf_dir), eos_token_ids=stops, pad_token_id=tok.pad_token_id,
+                          max_batch_size=cfg.rollout.max_batch_size, device=device)
