@@ -60,9 +60,14 @@ class InProcessBroadcast:
 
 
 class ContractServer:
-    def __init__(self, engine: EmbeddedEngine, broadcast: InProcessBroadcast | None = None) -> None:
+    def __init__(self, engine: EmbeddedEngine, broadcast: InProcessBroadcast | None = None, *,
+                 real_group: bool = False) -> None:
+        """`broadcast`: in-process stand-in for the weight-update group; `real_group=True` instead joins a
+        real torch.distributed group (gloo) like SGLang does -- only one server per process then."""
         self.engine = engine
         self.channel = broadcast.new_channel() if broadcast is not None else None
+        self.real_group = real_group
+        self.pg = None
         self.faults = Faults()
         self.calls: list[tuple[str, dict]] = []
         self.version = str(engine.weight_version)
@@ -155,12 +160,34 @@ class ContractServer:
         self.engine.update_weights(named, int(req.get("weight_version") or 0))
         self.version = str(req.get("weight_version", self.version))
 
+    def init_group(self, req: dict) -> None:
+        self.group = req
+        if self.real_group:
+            from megatron_copsd.rollout.sglang_weights import init_custom_process_group
+
+            self.pg = init_custom_process_group(req["master_address"], req["master_port"], req["rank_offset"],
+                                                req["world_size"], req["group_name"], req["backend"], 60.0)
+
+    def destroy_group(self) -> None:
+        if self.pg is not None:
+            torch.distributed.destroy_process_group(self.pg)
+        self.group = self.pg = None
+
+    def _receive(self, dtype: str, shape: list[int]) -> torch.Tensor:
+        if self.pg is not None:
+            t = torch.empty(shape, dtype=getattr(torch, dtype))
+            torch.distributed.broadcast(t, src=0, group=self.pg)
+            return t
+        if self.channel is None:
+            raise ValueError("no weight channel configured")
+        return self.channel.get(timeout=10)
+
     def update_from_distributed(self, req: dict) -> None:
-        if self.channel is None or self.group is None or req.get("group_name") != self.group["group_name"]:
+        if self.group is None or req.get("group_name") != self.group["group_name"]:
             raise ValueError("no weight update group with that name")
         named = []
         for name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
-            t = self.channel.get(timeout=10)
+            t = self._receive(dtype, shape)
             if str(t.dtype).removeprefix("torch.") != dtype or list(t.shape) != list(shape):
                 raise ValueError(f"{name}: received {t.dtype} {list(t.shape)}, announced {dtype} {shape}")
             named.append((name, t))
@@ -240,11 +267,11 @@ def _make_handler(server: ContractServer):
                 elif self.path == "/update_weights_from_disk":
                     server.update_from_disk(req)
                 elif self.path == "/init_weights_update_group":
-                    server.group = req
+                    server.init_group(req)
                 elif self.path == "/update_weights_from_distributed":
                     server.update_from_distributed(req)
                 elif self.path == "/destroy_weights_update_group":
-                    server.group = None
+                    server.destroy_group()
                 else:
                     return self._send(404, {"error": f"unknown path {self.path}"})
                 return self._send(200, {"success": True, "message": "ok"})
