@@ -135,15 +135,16 @@ def load_copsd_training(path, lang: str, *, require_ok: bool = True) -> list[Exa
     out, skipped = [], 0
     for rown, row in _iter_json_records(path):
         key = _lang_field(row, lang)
-        problem_en = _text(row, "problem", path, rown)
-        solution = _text(row, "solution", path, rown)
-        problem = _text(row, key, path, rown)
         ok = row.get(f"{key}_ok")
         if ok is not None and not isinstance(ok, bool):
             raise DataError(path, rown, f"{key}_ok", f"expected true/false, got {ok!r}")
         if require_ok and ok is False:
+            # checked first: a translation flagged as bad may well be empty or broken
             skipped += 1
             continue
+        problem_en = _text(row, "problem", path, rown)
+        solution = _text(row, "solution", path, rown)
+        problem = _text(row, key, path, rown)
         answer = row.get("answer")
         if answer is not None:
             if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):

@@ -72,7 +72,7 @@ def _write_jsonl(path, rows):
 
 def test_copsd_training_json_list_jsonl_aliases_and_ok_filter(tmp_path):
     rows = [{"problem": "P1", "solution": "S1 #### 3", "problem_swa": "T1"},
-            {"problem": "P2", "solution": "S2", "problem_swa": "T2", "problem_swa_ok": False},
+            {"problem": "P2", "solution": "S2", "problem_swa": "", "problem_swa_ok": False},
             {"problem": "P3", "solution": "S3", "problem_swa": "T3", "problem_swa_ok": True, "answer": 7}]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     _write_jsonl(tmp_path / "a.jsonl", rows)
@@ -80,7 +80,8 @@ def test_copsd_training_json_list_jsonl_aliases_and_ok_filter(tmp_path):
         ex = Ld.load_copsd_training(tmp_path / f, "sw")  # alias resolves to problem_swa
         assert [e.problem for e in ex] == ["T1", "T3"] and ex[0].lang == "swa"
         assert (ex[0].answer, ex[1].answer) == ("3", "7") and ex[1].problem_en == "P3"
-        assert len(Ld.load_copsd_training(tmp_path / f, "swa", require_ok=False)) == 3
+        with pytest.raises(DataError, match=":2: field 'problem_swa'"):  # the flagged row is broken
+            Ld.load_copsd_training(tmp_path / f, "swa", require_ok=False)
     with pytest.raises(DataError, match=r"a.json:1: field 'problem_fr': missing"):
         Ld.load_copsd_training(tmp_path / "a.json", "fr")
 

@@ -11,7 +11,7 @@ from megatron_copsd.eval.report import write_report
 LANGS = {"swa": 0.35, "hau": 0.15, "yor": 0.2, "eng": 0.7}
 
 
-def fixture_records(seed=0, num_problems=12, num_samples=8):
+def fixture_records(seed=0, num_problems=8, num_samples=8):
     """base vs trained on math (4 languages) + one SciKnowEval domain; trained is better by construction."""
     rng = random.Random(seed)
     out = []
