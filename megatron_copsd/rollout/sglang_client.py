@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import requests
 import torch
@@ -227,7 +227,7 @@ class SGLangEngine:
                 pool.submit(self._run_request, f"{call}-r{k}", chunk, prompts, params, k, cancel)
                 for k, chunk in enumerate(chunks)
             ]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            wait(futures, return_when=FIRST_EXCEPTION)
             for f in futures:
                 if f.done() and f.exception() is not None:
                     cancel.set()  # stop the other requests' retry loops early
