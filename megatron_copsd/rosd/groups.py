@@ -134,6 +134,10 @@ class GroupPlan:
     """Why, in words, e.g. "skipped: all 8 rollouts wrong and on_all_wrong=skip"."""
     requests: list[ReflectionRequest]
     response_texts: list[str]
+    """`tok.decode(response_ids)` of each rollout: the text the token offsets refer to."""
+    display_texts: list[str]
+    """The responses as shown to reflectors / teachers: trailing stop tokens dropped and special-token
+    strings removed, so a pasted response cannot end the chat turn it is pasted into."""
 
 
 @dataclass
@@ -169,6 +173,20 @@ class GroupResult:
     targets: list[RolloutTarget] = field(default_factory=list)
 
 
+def display_text(tok, response_ids: Sequence[int]) -> str:
+    """A response as text to paste into another prompt (see `GroupPlan.display_texts`)."""
+    stops = set(tok.stop_token_ids) | {tok.eos_token_id, tok.pad_token_id}
+    ids = list(response_ids)
+    while ids and ids[-1] in stops:
+        ids.pop()
+    text = tok.decode(ids)
+    for sid in sorted(stops):
+        special = tok.decode([sid])
+        if special.strip():
+            text = text.replace(special, "")
+    return text
+
+
 def plan_group(tok, group: RosdGroup, settings: RosdSettings) -> GroupPlan:
     """Decides the group's case and builds its reflection prompts (none when the group is skipped)."""
     n = len(group.rollouts)
@@ -180,8 +198,10 @@ def plan_group(tok, group: RosdGroup, settings: RosdSettings) -> GroupPlan:
     has_ref = bool(group.reference_solution and group.reference_solution.strip())
     case = "mixed" if good and bad else ("all_correct" if good else "all_wrong")
 
+    shown = [display_text(tok, r.response_ids) for r in group.rollouts]
+
     def skip(reason):
-        return GroupPlan(group, case, "skip", f"skipped: {reason}", [], texts)
+        return GroupPlan(group, case, "skip", f"skipped: {reason}", [], texts, shown)
 
     if case == "all_wrong":
         if settings.on_all_wrong == "skip":
@@ -200,13 +220,13 @@ def plan_group(tok, group: RosdGroup, settings: RosdSettings) -> GroupPlan:
             sol, src = group.reference_solution, "reference"
         else:
             sib = good[j % len(good)]
-            sol, src = texts[sib], f"sibling:{sib}"
-        p = failed_reflection_prompt(tok, group.problem, sol, texts[i], gold_answer=answer,
+            sol, src = shown[sib], f"sibling:{sib}"
+        p = failed_reflection_prompt(tok, group.problem, sol, shown[i], gold_answer=answer,
                                      max_prompt_tokens=settings.max_reflection_prompt_tokens,
                                      enable_thinking=settings.reflection_enable_thinking)
         requests.append(ReflectionRequest(i, "failed", p, sol, src))
     for i in good:
-        p = success_reflection_prompt(tok, group.problem, texts[i],
+        p = success_reflection_prompt(tok, group.problem, shown[i],
                                       max_prompt_tokens=settings.max_reflection_prompt_tokens,
                                       enable_thinking=settings.reflection_enable_thinking)
         requests.append(ReflectionRequest(i, "success", p, None, "none"))
@@ -217,16 +237,16 @@ def plan_group(tok, group: RosdGroup, settings: RosdSettings) -> GroupPlan:
         reason = f"reflect: all {n} rollouts correct, on_all_correct=distill_whole"
     else:
         reason = f"reflect: all {n} rollouts wrong, on_all_wrong=reference_solution"
-    return GroupPlan(group, case, "reflect", reason, requests, texts)
+    return GroupPlan(group, case, "reflect", reason, requests, texts, shown)
 
 
 def _success_fallback(plan: GroupPlan, i: int) -> str:
     others = [j for j, r in enumerate(plan.group.rollouts) if r.correct and j != i]
     if others:
-        return plan.response_texts[others[0]]
+        return plan.display_texts[others[0]]
     if plan.group.reference_solution and plan.group.reference_solution.strip():
         return plan.group.reference_solution
-    return plan.response_texts[i]
+    return plan.display_texts[i]
 
 
 def finalize_group(tok, plan: GroupPlan, reflection_texts: Sequence[str], settings: RosdSettings) -> GroupResult:

@@ -139,6 +139,19 @@ def test_all_wrong_group(tok, on_all_wrong, reference):
         assert math.isnan(m["rosd/quote_found_rate"])
 
 
+def test_stop_tokens_are_not_pasted_into_prompts(tok):
+    eos = tok.eos_token_id
+    rolls = [RosdRollout(tok.encode(CORRECT) + [eos], True), RosdRollout(tok.encode(FAILED) + [eos], False)]
+    g = RosdGroup(problem=PROBLEM, rollouts=rolls)
+    plan, res = _run(tok, g, RosdSettings(), _reflector())
+    end_turn = tok.decode([eos])
+    assert plan.display_texts == [CORRECT, FAILED] and plan.response_texts[1] == FAILED + end_turn
+    prompt = plan.requests[1].prompt
+    assert prompt.text.count(end_turn) == tok.apply_chat([{"role": "user", "content": "x"}]).count(end_turn)
+    t = res.targets[1]  # offsets still refer to the full response (stop token distilled too)
+    assert t.num_tokens == len(rolls[1].response_ids) and t.mask[-1] == 1 and t.distill_start > 0
+
+
 def test_reference_source_and_hidden_answer(tok):
     s = RosdSettings(correct_solution_source="reference", reflector_sees_answer=False)
     plan = plan_group(tok, _group(tok, [True, False], reference_solution=REFERENCE), s)
