@@ -70,3 +70,21 @@ def test_cli_report(tmp_path, capsys):
     base.write_text('{"model": "x"}\n')
     assert eval_main(["report", "--generations", str(base), "--out", str(out)]) == 1
     assert "base.jsonl:1: field 'lang': missing" in capsys.readouterr().err
+
+
+def test_cli_score_then_report(tmp_path, capsys):
+    import json
+    raw = tmp_path / "raw.jsonl"
+    rows = []
+    for i, (resp, gold) in enumerate([(r"... \boxed{2,125}", "2125"), ("no box", "7"), (r"\boxed{025}", "25")]):
+        rows.append({"model": "base", "lang": "swa", "domain": "math", "problem_id": f"p{i}", "sample_idx": 0,
+                     "greedy": True, "response": resp, "num_tokens": 5, "answer": gold})
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = tmp_path / "scored.jsonl"
+    assert eval_main(["score", "--generations", str(raw), "--task", "math", "--out", str(scored)]) == 0
+    from megatron_copsd.eval.metrics import read_scored_generations
+    recs = read_scored_generations(scored)
+    assert [(r.correct, r.formatted) for r in recs] == [(True, True), (False, False), (True, True)]
+    raw.write_text(json.dumps({**rows[0], "answer": None}) + "\n")
+    assert eval_main(["score", "--generations", str(raw), "--task", "math", "--out", str(scored)]) == 1
+    assert "raw.jsonl:1: field 'answer'" in capsys.readouterr().err
