@@ -5,8 +5,9 @@
     log.log(step, {"loss": 0.1, ...}); log.close()
 
 Only the rank that is `enabled` writes anything. The JSONL file is appended line by line and flushed
-every step (a killed run keeps every completed step); on resume, lines with `step >= start_step`
-from the interrupted run are dropped first so the file has one line per step.
+every step (a killed run keeps every completed step). `step` counts completed optimizer steps (1..N,
+like the checkpoint folders step_N); on resume from step s, lines with `step > s` from the interrupted
+run are dropped first so the file has one line per step.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _clean(v: Any):
 
 
 def truncate_jsonl(path: Path, start_step: int) -> None:
-    """Drops records with step >= start_step (atomically rewrites the file)."""
+    """Drops records with step > start_step, i.e. of steps a resumed run will redo (atomic rewrite)."""
     if not path.is_file():
         return
     keep = []
@@ -37,7 +38,7 @@ def truncate_jsonl(path: Path, start_step: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a half-written last line from a killed run
-        if rec.get("step", -1) < start_step:
+        if rec.get("step", -1) <= start_step:
             keep.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(x + "\n" for x in keep))
@@ -74,7 +75,8 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, *, advance: bool = True) -> None:
+        """Appends one record; `advance=False` for extra records of a step (eval) that should not move the bar."""
         if not self.enabled:
             return
         rec = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -86,7 +88,7 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
-        if self._bar is not None:
+        if self._bar is not None and advance:
             self._bar.update(1)
             self._bar.set_postfix({k: f"{numeric[k]:.4g}" for k in BAR_KEYS if k in numeric})
 

@@ -181,6 +181,7 @@ def student_pass(model, microbatches: list[MicroBatch], spec: ObjectiveSpec, num
                     metrics["logprob_abs_gap_sum"] = gap.abs().sum()
                     metrics["gap_tokens"] = mb.mask.sum()
             metrics["loss"] = loss.detach()
+            mb.per_token_divergence = metrics.pop("per_token_divergence", None)  # diagnostics / layout tests
             for k, v in metrics.items():
                 totals[k] += float(v)
             # 0 tokens: our loss is already the global token mean's share (see module docstring).

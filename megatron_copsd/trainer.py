@@ -101,8 +101,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def run(self) -> dict:
+        previous = self._install_signal_handlers()
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> dict:
         cfg = self.cfg
-        self._install_signal_handlers()
         for step in range(self.step, cfg.train.steps):
             t = PhaseTimer()
             t_step = time.perf_counter()
@@ -214,11 +221,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def log_step(self, step, stats, train_metrics, timer: PhaseTimer, seconds: float, items) -> None:
-        tokens = sum(it.student_len + it.teacher_len for it in items)
+        with_teacher = self.spec.teacher_output is not None
+        tokens = sum(it.student_len + (it.teacher_len if with_teacher else 0) for it in items)
         rec = {**stats, **train_metrics, **timer.times, "time/step": seconds,
                "tokens_per_s": tokens / max(seconds, 1e-9), "nonfinite_skipped": self.nonfinite_total,
                "dropped_prompts": self.dropped, "weight_version": step + 1}
-        self.log.log(step, rec)
+        self.log.log(step + 1, rec)  # `step` in metrics.jsonl = optimizer steps completed (as step_N folders)
 
     def save(self) -> None:
         from megatron.core import tensor_parallel
@@ -265,7 +273,7 @@ class Trainer:
             result = evaluate(self.engine, self.eval_set, self.tok, self.grader, self.cfg.eval,
                               self.out / "eval" / f"step_{self.step}", step=self.step, seed=self.cfg.train.seed,
                               stop_token_ids=self.tok.stop_token_ids)
-            self.log.log(self.step, {"eval": True, **result})
+            self.log.log(self.step, {"eval": True, **result}, advance=False)
         if dist.is_initialized():
             dist.barrier()
         self.last_eval = result
@@ -295,11 +303,13 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------ preemption
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
-            return
+            return {}
+        previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._preempt.set())
+            previous[sig] = signal.signal(sig, lambda *_: self._preempt.set())
+        return previous
 
     def preempted(self) -> bool:
         """True on every rank once any rank received SIGUSR1/SIGTERM (agreed with one all-reduce)."""

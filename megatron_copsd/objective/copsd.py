@@ -11,7 +11,8 @@ caller), not averaged per micro-batch; (2) the divergence is exact over the full
 than the base model with LoRA disabled.
 
 Metrics are *sums* over this call's tokens (keys ending in `_sum` or counting tokens), so callers can
-add them over micro-batches and ranks before dividing.
+add them over micro-batches and ranks before dividing; plus `per_token_divergence` ([T], detached,
+unclipped) for diagnostics.
 Pure torch: no Megatron imports, no config reads.
 """
 from __future__ import annotations
@@ -53,5 +54,6 @@ def copsd_loss(
         "tokens": mask.sum(),
         "divergence_sum": (div * mask).sum(),
         "clipped_tokens": ((div > token_clip).float() * mask).sum() if token_clip is not None else mask.new_zeros(()),
+        "per_token_divergence": div,
     }
     return res.loss, metrics
