@@ -36,7 +36,7 @@ OP_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 OP_SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
-LANG_EN = "en"
+LANG_EN = "eng"
 
 
 @dataclass(frozen=True)

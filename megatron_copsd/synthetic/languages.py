@@ -129,7 +129,36 @@ INSTRUCTION_EN = "Solve the problem step by step. Put the final answer in \\boxe
 
 def instruction(code: str) -> str:
     """The student instruction in language `code` ('en' or a synthetic code)."""
-    if code in ("en", "eng", "english"):
+    if code.lower() in ("en", "eng", "english"):
         return INSTRUCTION_EN
     # `translate` copies `\boxed{}` verbatim, so the format instruction names it in every language.
     return translate(INSTRUCTION_EN, code)
+
+
+# ISO 15924 script codes of the blocks (the data layer's Language.script field).
+_ISO15924 = {"Ethiopic": "Ethi", "Vai": "Vaii"}
+
+
+def register_synthetic_languages() -> list[str]:
+    """Registers the synthetic languages in `megatron_copsd.data.languages` (idempotent).
+
+    The student instruction is in the language itself; the teacher labels stay English, as for every
+    language of the registry. Returns the registered codes.
+    """
+    from megatron_copsd.data.languages import Language, register_language
+
+    codes = []
+    for lang in SYNTHETIC_LANGUAGES.values():
+        register_language(
+            Language(
+                code=lang.code,
+                name=lang.name.split(" (")[0] + " (synthetic)",
+                script=_ISO15924[lang.script],
+                instruction=instruction(lang.code),
+                native_name=translate(lang.name.split(" (")[0], lang.code),
+                aliases=lang.aliases,
+            ),
+            replace=True,
+        )
+        codes.append(lang.code)
+    return codes

@@ -1,0 +1,83 @@
+"""Settings of the benchmark's modes: `quick` (one seed, minutes on 2 CPU cores), `full` (>= 3 seeds,
+bigger budgets) and `smoke` (the e2e test's shortened run). A mode is plain data; `run.py` executes it.
+
+Every method of a mode gets the same rollout budget: `steps x prompts_per_step x n` sampled responses
+of at most `max_new_tokens`, the same seeds, the same training problems and the same evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_copsd.synthetic.corpus import CorpusSpec
+from megatron_copsd.synthetic.evaluate import EvalSettings
+from megatron_copsd.synthetic.generator import GeneratorConfig
+from megatron_copsd.synthetic.pretrain import BaseModelSpec
+
+METHODS = ("copsd", "grpo", "sampled_kl")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The trainer budget shared by every method (values go into the generated trainer config)."""
+
+    steps: int = 20
+    prompts_per_step: int = 8
+    n: int = 4
+    """Rollouts per prompt (GRPO needs groups; COPSD/sampled-KL see the same number of samples)."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    lr: float = 3e-4
+    clip_grad: float = 1.0
+    divergence: str = "forward_kl"
+    teacher: str = "fixed"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    base: BaseModelSpec
+    train: TrainSettings
+    eval: EvalSettings
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...] = METHODS
+    extra_overrides: dict = field(default_factory=dict)
+    """Dotted trainer-config overrides applied to every method (e.g. micro_batch_tokens)."""
+
+
+EASY = GeneratorConfig(min_steps=1, max_steps=2, max_value=9, max_result=20)
+
+QUICK = Mode(
+    name="quick",
+    base=BaseModelSpec(
+        corpus=CorpusSpec(gen=EASY, num_english=2000, num_parallel=150, num_translation=150, num_target=20,
+                          num_rl=128, num_eval=48),
+        steps=250,
+    ),
+    train=TrainSettings(steps=16),
+    eval=EvalSettings(num_samples=4),
+    seeds=(0,),
+)
+
+FULL = Mode(
+    name="full",
+    base=BaseModelSpec(
+        corpus=CorpusSpec(gen=EASY, num_english=4000, num_parallel=300, num_translation=300, num_target=40,
+                          num_rl=256, num_eval=96),
+        steps=600,
+    ),
+    train=TrainSettings(steps=40),
+    eval=EvalSettings(num_samples=8),
+    seeds=(0, 1, 2),
+)
+
+# The e2e test: the quick base model (cached across runs), one method, a short but real training run.
+SMOKE = Mode(
+    name="smoke",
+    base=QUICK.base,
+    train=TrainSettings(steps=8),
+    eval=EvalSettings(num_samples=2),
+    seeds=(0,),
+    methods=("copsd",),
+)
+
+MODES = {m.name: m for m in (QUICK, FULL, SMOKE)}

@@ -1,0 +1,166 @@
+"""`copsd synth-bench`: the one-CPU crosslingual benchmark, COPSD vs GRPO vs the sampled-token objective.
+
+    copsd synth-bench --mode quick --out runs/synth            # minutes on 2 CPU cores, 1 seed
+    copsd synth-bench --mode full --out runs/synth-full --seeds 0 1 2
+
+Pipeline: data (seeded generator) -> SentencePiece tokenizer -> short Megatron pretraining of a tiny
+Qwen3-style base model (cached by a hash of its settings under `--cache`, default `<out>/../.synth-cache`)
+-> evaluate the base -> for every seed and method, a trainer run (`copsd train` with a generated config,
+same budget) -> evaluate each trained model -> report (`<out>/report/report.md` + plots from
+megatron_copsd.eval.report, and `<out>/summary.md` with the side-by-side table and the verdict).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron_copsd.synthetic.presets import METHODS, MODES, Mode
+
+TARGET_LANGS = ("qge", "qva")
+
+
+def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir: Path) -> dict:
+    """The trainer config (nested dict, `megatron_copsd.config` field names) of one method and seed."""
+    t = mode.train
+    hf = str(base_root / "hf")
+    cfg = {
+        "model": {"hf_path": hf, "tokenizer_path": hf, "dtype": "float32"},
+        "data": {"train_path": str(base_root / "data" / "rl_train.jsonl"), "langs": list(TARGET_LANGS),
+                 "task": "math", "prompts_per_step": t.prompts_per_step, "max_prompt_tokens": 512},
+        "rollout": {"engine": "embedded", "n": t.n, "max_new_tokens": t.max_new_tokens,
+                    "temperature": t.temperature, "top_p": 1.0, "top_k": -1, "max_batch_size": 64},
+        "objective": {"name": method, "divergence": t.divergence, "teacher": t.teacher},
+        "optim": {"lr": t.lr, "clip_grad": t.clip_grad, "weight_decay": 0.0, "decay_style": "constant"},
+        "train": {"steps": t.steps, "seed": seed, "output_dir": str(run_dir)},
+        "checkpoint": {"save_every": 0, "resume": "none", "export_hf": True},
+        "eval": {"every": -1},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+    for dotted, value in mode.extra_overrides.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def run_trainer(cfg: dict, run_dir: Path, log) -> Path:
+    """Runs the trainer in a fresh process (clean Megatron state); returns its exported HF folder."""
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "megatron_copsd.synthetic.train_entry", "--config", str(cfg_path)]
+    with open(run_dir / "train.log", "w") as logf:
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"trainer failed (exit {proc.returncode}); log {run_dir / 'train.log'}:\n{tail}")
+    hf = run_dir / "hf"
+    if not (hf / "config.json").is_file():
+        raise RuntimeError(f"trainer finished but wrote no HF checkpoint at {hf}")
+    return hf
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="copsd synth-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=sorted(MODES), default="quick")
+    p.add_argument("--out", required=True, help="output folder (metrics, report, runs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="trainer seeds (default: the mode's)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: the mode's methods")
+    p.add_argument("--cache", default=None, help="base-model cache folder (default: <out>/../.synth-cache)")
+    p.add_argument("--train-steps", type=int, default=None, help="override the mode's trainer steps")
+    p.add_argument("--skip-train", action="store_true", help="only build and evaluate the base model")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    mode = MODES[args.mode]
+    if args.seeds:
+        mode = dataclasses.replace(mode, seeds=tuple(args.seeds))
+    if args.methods:
+        mode = dataclasses.replace(mode, methods=tuple(args.methods))
+    if args.train_steps:
+        mode = dataclasses.replace(mode, train=dataclasses.replace(mode.train, steps=args.train_steps))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache).resolve() if args.cache else out.parent / ".synth-cache"
+    summary = bench(mode, out, cache, skip_train=args.skip_train)
+    print(f"\n[synth-bench] done in {summary['timings']['total']:.0f}s")
+    for k, v in summary["files"].items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=None) -> dict:
+    """Runs the whole benchmark for `mode` into `out`; returns {timings, files, rows}."""
+    import torch
+
+    from megatron_copsd.eval.metrics import compute_metrics, write_scored_generations
+    from megatron_copsd.eval.report import write_report
+    from megatron_copsd.synthetic.evaluate import evaluate_checkpoint, greedy_accuracy
+    from megatron_copsd.synthetic.pretrain import build_base_model
+    from megatron_copsd.synthetic.summary import write_summary
+
+    log = log or (lambda s: print(s, flush=True))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    log(f"[synth-bench] mode {mode.name}: seeds {list(mode.seeds)}, methods {list(mode.methods)}, out {out}")
+
+    t = time.time()
+    base_root = build_base_model(mode.base, cache, log=log)
+    timings["base model (data, tokenizer, pretraining)"] = time.time() - t
+    examples = [json.loads(line) for line in (base_root / "data" / "eval.jsonl").read_text().splitlines()]
+
+    def evaluate(hf_dir, label):
+        t = time.time()
+        recs = evaluate_checkpoint(hf_dir, examples, label=label, settings=mode.eval, log=log)
+        timings[f"eval {label}"] = time.time() - t
+        accs = ", ".join(f"{lang} {greedy_accuracy(recs, lang):.3f}" for lang in ("eng", *TARGET_LANGS))
+        log(f"[eval] {label}: greedy accuracy {accs}")
+        return recs
+
+    records = evaluate(base_root / "hf", "base")
+    checkpoints = {"base": str(base_root / "hf")}
+    if not skip_train:
+        for seed in mode.seeds:
+            for method in mode.methods:
+                label = f"{method}-s{seed}"
+                run_dir = out / "runs" / label
+                log(f"[train] {label}: {mode.train.steps} steps x {mode.train.prompts_per_step} prompts x "
+                    f"{mode.train.n} rollouts ({run_dir / 'train.log'})")
+                t = time.time()
+                hf = run_trainer(trainer_config(mode, method, seed, base_root, run_dir), run_dir, log)
+                timings[f"train {label}"] = time.time() - t
+                checkpoints[label] = str(hf)
+                records += evaluate(hf, label)
+
+    write_scored_generations(records, out / "scored_generations.jsonl")
+    report_files = {k: str(v) for k, v in write_report(records, out / "report",
+                                                         title=f"Synthetic benchmark ({mode.name}): per-model metrics").items()}
+    rows = compute_metrics(records)
+    timings["total"] = time.time() - t_start
+    t = mode.train
+    info = {"mode": mode.name, "seeds": list(mode.seeds), "methods": list(mode.methods),
+            "budget": f"{t.steps} steps x {t.prompts_per_step} prompts x {t.n} rollouts, <= {t.max_new_tokens} new tokens",
+            "base_model": str(base_root), "checkpoints": checkpoints, "timings": timings}
+    files = {"summary": str(out / "summary.md"), "metrics": report_files.get("csv", ""),
+             "report": report_files.get("markdown", ""), "scored generations": str(out / "scored_generations.jsonl"),
+             "base checkpoint": str(base_root / "hf")}
+    files.update({f"checkpoint {k}": v for k, v in checkpoints.items() if k != "base"})
+    write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files)
+    return {"timings": timings, "files": files, "rows": rows}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The benchmark's own report: a side-by-side table of methods per language (mean and spread over seeds),
+and an honest verdict on COPSD vs GRPO. The per-model Markdown/CSV/PNG details come from
+`megatron_copsd.eval.report.write_report`; this file only adds the cross-method summary on top.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+HEADLINE = ("accuracy", "format_rate")
+
+
+def method_of(label: str) -> str:
+    """'copsd-s1' -> 'copsd'; 'base' -> 'base'."""
+    return label.rsplit("-s", 1)[0] if "-s" in label else label
+
+
+def aggregate(rows: Sequence[dict]) -> dict:
+    """{(method, lang): {metric: (mean, std, num_seeds)}} from `compute_metrics` rows (one per label)."""
+    acc: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("num_problems", "num_samples"):
+                acc[(method_of(r["model"]), r["lang"])][k].append(float(v))
+    out = {}
+    for key, metrics in acc.items():
+        out[key] = {k: (statistics.fmean(v), statistics.pstdev(v) if len(v) > 1 else 0.0, len(v))
+                    for k, v in metrics.items()}
+    return out
+
+
+def _cell(stat) -> str:
+    if stat is None:
+        return "-"
+    mean, std, n = stat
+    return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
+
+
+def verdict(agg: dict, target_langs: Sequence[str]) -> str:
+    """One honest sentence comparing COPSD and GRPO on target-language greedy accuracy."""
+    def mean_over(method):
+        xs = [agg[(method, l)]["accuracy"][0] for l in target_langs if (method, l) in agg]
+        return sum(xs) / len(xs) if xs else None
+
+    c, g, b = mean_over("copsd"), mean_over("grpo"), mean_over("base")
+    if c is None or g is None:
+        return "COPSD and GRPO were not both run, so this report makes no claim about which is better."
+    seeds = max(agg[("copsd", l)]["accuracy"][2] for l in target_langs if ("copsd", l) in agg)
+    spread = max(agg[(m, l)]["accuracy"][1] for m in ("copsd", "grpo") for l in target_langs if (m, l) in agg)
+    base = f" (base {b:.3f})" if b is not None else ""
+    diff = c - g
+    if seeds < 3:
+        tail = f" from {seeds} seed(s): too few to call a winner; run `--mode full` for >= 3 seeds."
+    elif abs(diff) <= spread:
+        tail = f"; the difference is within the seed spread (std up to {spread:.3f}), so neither method clearly wins here."
+    else:
+        tail = "; the difference exceeds the seed spread."
+    word = "beat" if diff > 0 else ("tied" if diff == 0 else "did not beat")
+    return (f"On the target languages COPSD {word} GRPO: mean greedy accuracy {c:.3f} vs {g:.3f}{base}"
+            f"{tail}")
+
+
+def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence[str], info: dict,
+                  report_files: dict) -> Path:
+    """Writes `summary.md` and `summary.json` in `out_dir`; returns the Markdown path."""
+    agg = aggregate(rows)
+    methods = list(dict.fromkeys(method_of(r["model"]) for r in rows))
+    langs = list(dict.fromkeys(r["lang"] for r in rows))
+    md = [f"# Synthetic crosslingual benchmark ({info.get('mode')} mode)", "",
+          "Problems: seeded multi-step arithmetic word problems; target languages are *synthetic* constructed "
+          "languages written in the Ge'ez (qge) and Vai (qva) scripts (see megatron_copsd/synthetic/languages.py), "
+          "English (eng) is the high-resource language. Every method: same base model, training problems, "
+          f"seeds {list(info.get('seeds', []))} and rollout budget ({info.get('budget')}).", "",
+          "**Verdict:** " + verdict(agg, target_langs), ""]
+    ks = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("pass@")})
+    metrics = list(HEADLINE) + ([f"pass@{ks[-1]}", f"maj@{ks[-1]}"] if ks else [])
+    for metric in metrics:
+        md += [f"## {metric} (mean ± std over seeds)", "", "| lang | " + " | ".join(methods) + " |",
+               "|---|" + "---|" * len(methods)]
+        for lang in langs:
+            md.append(f"| {lang} | " + " | ".join(_cell(agg.get((m, lang), {}).get(metric)) for m in methods) + " |")
+        md.append("")
+    md += ["## Timing", ""] + [f"- {k}: {v:.0f} s" for k, v in info.get("timings", {}).items()] + [""]
+    md += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in report_files.items()] + [""]
+    path = out_dir / "summary.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md), encoding="utf-8")
+    tmp.replace(path)
+    js = {"info": info, "verdict": verdict(agg, target_langs),
+          "aggregate": [{"method": m, "lang": l, **{k: {"mean": v[0], "std": v[1], "num_seeds": v[2]}
+                                                     for k, v in stats.items()}}
+                        for (m, l), stats in sorted(agg.items())]}
+    tmpj = out_dir / "summary.json.tmp"
+    tmpj.write_text(json.dumps(js, indent=2, default=str))
+    tmpj.replace(out_dir / "summary.json")
+    return path
