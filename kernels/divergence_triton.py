@@ -1,0 +1,233 @@
+"""Triton fused linear divergence (forward KL, reverse KL, generalized JSD) over a vocab-parallel LM head.
+
+Forward layout (per rank; gradients are computed here, the loss is terminal):
+  1. kernel `_div_stats_kernel` [grid: token blocks]: for each vocab tile, a = h_s W^T / tau and
+     b = h_t W_t^T / tau via tl.dot, online (max, sum) for a and b with rescaling when the max grows, and
+     U = sum e^(b - m_b)(b - a) (forward KL) or sum e^(a - m_a)(a - b) (reverse KL)  -> stats [T, 3] =
+     (lse_a_local, lse_b_local, U / S)
+  2. Python: all_gather [TP, T, 3] over tp_group, fixed-order combine (kernels/tp.py) -> lse_a, lse_b, KL
+  3. JSD only: kernel `_jsd_sums_kernel` [grid: token blocks] recomputes the tiles and accumulates
+     (sum p log p, sum q log q, sum M log M, sum q log M) -> Python: all_reduce SUM [T, 4] -> JSD, KL(q||M)
+  4. Python: per-token coefficient = loss_weight * (div <= clip) / tau
+  5. per token chunk: kernel `_div_grad_kernel` [grid: token blocks x vocab tiles] recomputes a, b and
+     writes dZ = coef * dDiv/da [T_c, NV] in the input dtype; Python GEMMs dH_s[chunk] = dZ W and
+     dW += dZ^T H_s (fp32 accumulation across chunks)
+  6. Python: all_reduce SUM of dH_s over tp_group
+Backward layout: no kernel and no collective; grad_output (a scalar) scales the stored dH_s and dW.
+This is the recompute variant (6 logits-sized GEMMs, JSD 8); rows >= NV (vocab padding) never enter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tp
+from .triton_common import GRAD_CONFIGS, STATS_CONFIGS, autotuned, launch, logits_tile
+from .types import DivergenceResult, local_valid
+
+KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+CHUNK_TOKENS = 4096  # dZ chunk: 4096 x V_local in bf16; >= 2048 keeps the dW GEMM compute-bound
+
+
+@triton.jit
+def _div_stats_kernel(HS_ptr, HT_ptr, W_ptr, WT_ptr, STATS_ptr, T, NV, H, stride_x, stride_w, inv_tau,
+                      KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                      UPCAST_DOT: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_a = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    s_a = tl.zeros((BLOCK_T,), tl.float32)
+    s_b = tl.zeros((BLOCK_T,), tl.float32)
+    u = tl.zeros((BLOCK_T,), tl.float32)
+    for v0 in range(0, NV, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        valid = offs_v[None, :] < NV
+        a = logits_tile(HS_ptr, W_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_tau,
+                        BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT)
+        b = logits_tile(HT_ptr, WT_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_tau,
+                        BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT)
+        a = tl.where(valid, a, float("-inf"))
+        b = tl.where(valid, b, float("-inf"))
+        m_a_new = tl.maximum(m_a, tl.max(a, 1))
+        m_b_new = tl.maximum(m_b, tl.max(b, 1))
+        alpha_a = tl.exp(m_a - m_a_new)
+        alpha_b = tl.exp(m_b - m_b_new)
+        e_a = tl.exp(a - m_a_new[:, None])
+        e_b = tl.exp(b - m_b_new[:, None])
+        s_a = s_a * alpha_a + tl.sum(e_a, 1)
+        s_b = s_b * alpha_b + tl.sum(e_b, 1)
+        if KIND == 0:
+            u = u * alpha_b + tl.sum(tl.where(valid, e_b * (b - a), 0.0), 1)
+        elif KIND == 1:
+            u = u * alpha_a + tl.sum(tl.where(valid, e_a * (a - b), 0.0), 1)
+        m_a = m_a_new
+        m_b = m_b_new
+    if KIND == 0:
+        e = u / s_b
+    else:
+        e = u / s_a
+    row = offs_t < T
+    tl.store(STATS_ptr + offs_t * 3, m_a + tl.log(s_a), mask=row)
+    tl.store(STATS_ptr + offs_t * 3 + 1, m_b + tl.log(s_b), mask=row)
+    tl.store(STATS_ptr + offs_t * 3 + 2, e, mask=row)
+
+
+@triton.jit
+def _log_mix(logp, logq, log_beta, log_1mbeta):
+    """log(beta p + (1 - beta) q) from log p, log q, stably."""
+    x = logp + log_beta
+    y = logq + log_1mbeta
+    mx = tl.maximum(x, y)
+    return mx + tl.log(tl.exp(x - mx) + tl.exp(y - mx))
+
+
+@triton.jit
+def _jsd_sums_kernel(HS_ptr, HT_ptr, W_ptr, WT_ptr, TOK_ptr, SUMS_ptr, T, NV, H, stride_x, stride_w, inv_tau,
+                     log_beta, log_1mbeta,
+                     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                      UPCAST_DOT: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row = offs_t < T
+    lse_a = tl.load(TOK_ptr + offs_t * 4, mask=row, other=0.0)
+    lse_b = tl.load(TOK_ptr + offs_t * 4 + 1, mask=row, other=0.0)
+    spp = tl.zeros((BLOCK_T,), tl.float32)
+    sqq = tl.zeros((BLOCK_T,), tl.float32)
+    smm = tl.zeros((BLOCK_T,), tl.float32)
+    sqm = tl.zeros((BLOCK_T,), tl.float32)
+    for v0 in range(0, NV, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        valid = offs_v[None, :] < NV
+        logq = logits_tile(HS_ptr, W_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_tau,
+                           BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT) - lse_a[:, None]
+        logp = logits_tile(HT_ptr, WT_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_tau,
+                           BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT) - lse_b[:, None]
+        logm = _log_mix(logp, logq, log_beta, log_1mbeta)
+        q = tl.exp(logq)
+        spp += tl.sum(tl.where(valid, tl.exp(logp) * logp, 0.0), 1)
+        sqq += tl.sum(tl.where(valid, q * logq, 0.0), 1)
+        smm += tl.sum(tl.where(valid, tl.exp(logm) * logm, 0.0), 1)
+        sqm += tl.sum(tl.where(valid, q * logm, 0.0), 1)
+    tl.store(SUMS_ptr + offs_t * 4, spp, mask=row)
+    tl.store(SUMS_ptr + offs_t * 4 + 1, sqq, mask=row)
+    tl.store(SUMS_ptr + offs_t * 4 + 2, smm, mask=row)
+    tl.store(SUMS_ptr + offs_t * 4 + 3, sqm, mask=row)
+
+
+@triton.jit
+def _div_grad_kernel(HS_ptr, HT_ptr, W_ptr, WT_ptr, TOK_ptr, DZ_ptr, T, NV, H, stride_x, stride_w, stride_dz,
+                     inv_tau, beta, log_beta, log_1mbeta,
+                     KIND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                      UPCAST_DOT: tl.constexpr):
+    """dZ tile = coef_t * dDiv_t / da; TOK = per token (lse_a, lse_b, aux, coef), aux = KL(q||p) for reverse
+    KL and KL(q||M) for JSD."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row = offs_t < T
+    lse_a = tl.load(TOK_ptr + offs_t * 4, mask=row, other=0.0)
+    lse_b = tl.load(TOK_ptr + offs_t * 4 + 1, mask=row, other=0.0)
+    aux = tl.load(TOK_ptr + offs_t * 4 + 2, mask=row, other=0.0)
+    coef = tl.load(TOK_ptr + offs_t * 4 + 3, mask=row, other=0.0)
+    logq = logits_tile(HS_ptr, W_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_tau,
+                       BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT) - lse_a[:, None]
+    logp = logits_tile(HT_ptr, WT_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_tau,
+                       BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT) - lse_b[:, None]
+    q = tl.exp(logq)
+    if KIND == 0:
+        g = q - tl.exp(logp)
+    elif KIND == 1:
+        g = q * (logq - logp - aux[:, None])
+    else:
+        g = (1.0 - beta) * q * (logq - _log_mix(logp, logq, log_beta, log_1mbeta) - aux[:, None])
+    g = g * coef[:, None]
+    mask = row[:, None] & (offs_v[None, :] < NV)
+    tl.store(DZ_ptr + offs_t[:, None] * stride_dz + offs_v[None, :], g.to(DZ_ptr.dtype.element_ty), mask=mask)
+
+
+_stats_tuned = autotuned(_div_stats_kernel, STATS_CONFIGS, key=["NV", "H", "KIND"])
+_sums_tuned = autotuned(_jsd_sums_kernel, STATS_CONFIGS, key=["NV", "H"])
+_grad_tuned = autotuned(_div_grad_kernel, GRAD_CONFIGS, key=["NV", "H", "KIND"])
+
+
+def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, group, nv, need_dh, need_dw,
+                        chunk_size):
+    num_t, hdim = hs.shape
+    inv_tau, kid = 1.0 / tau, KIND_IDS[kind]
+    log_b = math.log(beta) if 0 < beta < 1 else 0.0
+    log_1mb = math.log1p(-beta) if 0 < beta < 1 else 0.0
+    hs, ht, w, tw = hs.contiguous(), ht.contiguous(), w.contiguous(), tw.contiguous()
+    stats = torch.empty(num_t, 3, dtype=torch.float32, device=hs.device)
+    if nv > 0:
+        launch(_div_stats_kernel, _stats_tuned, lambda m: (triton.cdiv(num_t, m["BLOCK_T"]),),
+               hs, ht, w, tw, stats, num_t, nv, hdim, hdim, hdim, inv_tau, KIND=kid)
+    else:  # this rank holds only vocabulary padding
+        stats.copy_(torch.tensor([float("-inf"), float("-inf"), 0.0]).expand(num_t, 3))
+    lse_a, lse_b, div = tp.combine_kl(tp.gather_stats(stats, group), kind)
+    tok = torch.stack([lse_a, lse_b, torch.zeros_like(lse_a), torch.zeros_like(lse_a)], 1).contiguous()
+    if kind == "jsd":
+        sums = torch.zeros(num_t, 4, dtype=torch.float32, device=hs.device)
+        if nv > 0:
+            launch(_jsd_sums_kernel, _sums_tuned, lambda m: (triton.cdiv(num_t, m["BLOCK_T"]),),
+                   hs, ht, w, tw, tok, sums, num_t, nv, hdim, hdim, hdim, inv_tau, log_b, log_1mb)
+        div, aux = tp.combine_jsd(tp.all_reduce_sum(sums, group), beta)
+        tok[:, 2] = aux
+    elif kind == "reverse_kl":
+        tok[:, 2] = div
+    coef = torch.full_like(div, inv_tau) if loss_weight is None else loss_weight.float() * inv_tau
+    tok[:, 3] = coef if clip is None else coef * (div <= clip)
+    dhs = torch.zeros(hs.shape, dtype=torch.float32, device=hs.device) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+    if (need_dh or need_dw) and nv > 0:
+        tc = chunk_size or CHUNK_TOKENS
+        dz = torch.empty(min(tc, num_t), nv, dtype=hs.dtype, device=hs.device)
+        for c0 in range(0, num_t, tc):
+            c1 = min(num_t, c0 + tc)
+            dzc = dz[:c1 - c0]
+            launch(_div_grad_kernel, _grad_tuned,
+                   lambda m: (triton.cdiv(c1 - c0, m["BLOCK_T"]), triton.cdiv(nv, m["BLOCK_V"])),
+                   hs[c0:c1], ht[c0:c1], w, tw, tok[c0:c1], dzc, c1 - c0, nv, hdim, hdim, hdim, nv,
+                   inv_tau, beta, log_b, log_1mb, KIND=kid)
+            if dhs is not None:
+                dhs[c0:c1] = (dzc @ w[:nv].to(dzc.dtype)).float()
+            if dw is not None:
+                dw[:nv] += (dzc.T @ hs[c0:c1]).float()
+    if dhs is not None:
+        tp.all_reduce_sum(dhs, group)
+    return div, dhs, dw
+
+
+class _TritonDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ht, w, tw, loss_weight, opts):
+        per_token, dhs, dw = _divergence_fwd_bwd(hs, ht, w, tw, loss_weight=loss_weight,
+                                                 need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[2],
+                                                 **opts)
+        clipped = per_token if opts["clip"] is None else per_token.clamp(max=opts["clip"])
+        loss = clipped.sum() if loss_weight is None else (clipped * loss_weight.float()).sum()
+        ctx.save_for_backward(dhs, dw)
+        ctx.dtypes = (hs.dtype, w.dtype)
+        ctx.mark_non_differentiable(per_token)
+        return loss, per_token
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_per_token):
+        dhs, dw = ctx.saved_tensors
+        ghs = None if dhs is None else (dhs * g_loss).to(ctx.dtypes[0])
+        gw = None if dw is None else (dw * g_loss).to(ctx.dtypes[1])
+        return ghs, None, gw, None, None, None
+
+
+def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None, kind, beta,
+                            temperature, token_clip, loss_weight, tp_group, vocab_start, valid_vocab,
+                            chunk_size=None) -> DivergenceResult:
+    """Triton implementation; `kind` is the resolved divergence (see types.resolve_divergence)."""
+    tw = weight.detach() if teacher_weight is None else teacher_weight.detach().to(weight.dtype)
+    opts = dict(kind=kind, beta=float(beta), tau=float(temperature),
+                clip=None if token_clip is None else float(token_clip), group=tp_group,
+                nv=local_valid(weight.shape[0], vocab_start, valid_vocab), chunk_size=chunk_size)
+    lw = None if loss_weight is None else loss_weight.detach()
+    loss, per_token = _TritonDivergence.apply(student_hidden, teacher_hidden.detach().to(student_hidden.dtype),
+                                              weight, tw, lw, opts)
+    return DivergenceResult(loss, per_token)

@@ -1,0 +1,68 @@
+"""Pieces shared by the Triton kernels: the logits tile (a tl.dot GEMM over H), the autotune
+configurations (also compiled ahead of time for Hopper by kernels/aot.py) and the launch helper.
+
+Running on CPU: set TRITON_INTERPRET=1 *before* the first `import triton` in the process (the interpreter is
+chosen at import time), e.g. `TRITON_INTERPRET=1 pytest tests/kernels/test_triton_interpret.py` or, as that
+test does, in a fresh subprocess. Under the interpreter the kernels run un-autotuned with INTERPRET_CONFIG
+(small tiles: numpy semantics, slow).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Kernels that stream the vocabulary for one token block (statistics passes): grid = (cdiv(T, BLOCK_T),).
+STATS_CONFIGS = [
+    dict(BLOCK_T=64, BLOCK_V=64, BLOCK_H=64, num_warps=4, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    dict(BLOCK_T=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
+]
+# Kernels that write one [BLOCK_T, BLOCK_V] tile of dZ: grid = (cdiv(T, BLOCK_T), cdiv(NV, BLOCK_V)).
+GRAD_CONFIGS = [
+    dict(BLOCK_T=64, BLOCK_V=64, BLOCK_H=64, num_warps=4, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+]
+# UPCAST_DOT: triton 3.9's interpreter computes tl.dot on bf16 operands from their raw bits (garbage), so
+# under the interpreter the tiles are cast to fp32 before tl.dot; compiled kernels keep bf16 operands (wgmma).
+INTERPRET_CONFIG = dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16, UPCAST_DOT=True, num_warps=1, num_stages=1)
+
+
+@triton.jit
+def logits_tile(X_ptr, W_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_tau,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """fp32 [BLOCK_T, BLOCK_V] tile of (X W^T) / tau; rows >= T and columns >= NV come out as 0."""
+    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        x = tl.load(X_ptr + offs_t[:, None] * stride_x + offs_h[None, :],
+                    mask=(offs_t[:, None] < T) & (offs_h[None, :] < H), other=0.0)
+        w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_h[None, :],
+                    mask=(offs_v[:, None] < NV) & (offs_h[None, :] < H), other=0.0)
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc * inv_tau
+
+
+def autotuned(fn, configs, key):
+    """The GPU entry point: `fn` autotuned over `configs` (the interpreter uses `fn` with one config)."""
+    return triton.autotune(
+        configs=[triton.Config({**{k: v for k, v in c.items() if k.startswith("BLOCK")}, "UPCAST_DOT": False},
+                               num_warps=c["num_warps"],
+                               num_stages=c["num_stages"]) for c in configs],
+        key=key)(fn)
+
+
+def launch(fn, tuned, grid_fn, *args, **constexprs):
+    """Launches `tuned` on GPU, or `fn` with INTERPRET_CONFIG under TRITON_INTERPRET=1."""
+    if INTERPRET:
+        cfg = dict(INTERPRET_CONFIG)
+        fn[grid_fn(cfg)](*args, **constexprs, **cfg)
+    else:
+        tuned[grid_fn](*args, **constexprs)
