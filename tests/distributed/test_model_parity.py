@@ -170,7 +170,7 @@ def _tp_worker(rank, world_size, case):
     out["tp1_loss"] = ref_loss.item()
     out["tp1_grads"] = _gathered_grads(ref_model, cfg)
     destroy_distributed()
-    return out
+    return _portable(out)
 
 
 def _pp_worker(rank, world_size, case):
@@ -203,7 +203,8 @@ def _pp_worker(rank, world_size, case):
 
             def loss_func(logits):
                 loss = _ce(logits, labels, V)
-                return loss, {"logits": logits[..., :V].detach().clone(), "loss": loss.detach()}
+                # clone: the schedule scales `loss` in place (/ num_microbatches)
+                return loss, {"logits": logits[..., :V].detach().clone(), "loss": loss.detach().clone()}
 
             return output, loss_func
 
@@ -224,7 +225,27 @@ def _pp_worker(rank, world_size, case):
         out["loss"] = torch.stack([d["loss"] for d in stored]).mean().item()
     out["grads"] = _gathered_grads(ddp, cfg)
     destroy_distributed()
-    return out
+    return _portable(out)
+
+
+def _portable(obj):
+    """Tensors -> numpy for the trip to the parent: torch's queue shares tensors through file descriptors,
+    which vanish when the child exits first."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_portable(obj):
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _from_portable(v) for k, v in obj.items()}
+    return obj
 
 
 def _max_grad_diff(a: dict, b: dict) -> float:
@@ -242,7 +263,8 @@ def _hf_grads(case):
 @pytest.fixture(scope="module")
 def tp_results(models):
     cases = {k: {kk: v[kk] for kk in ("dir", "ids", "labels")} for k, v in models.items()}
-    return {name: run_distributed(_tp_worker, 2, args=(c,), timeout=400) for name, c in cases.items()}
+    return {name: [_from_portable(r) for r in run_distributed(_tp_worker, 2, args=(c,), timeout=400)]
+            for name, c in cases.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -289,7 +311,8 @@ def test_tp2_megatron_optimizer_and_dist_checkpoint(models, tp_results, name):
 @pytest.fixture(scope="module")
 def pp_results(models):
     cases = {k: {kk: v[kk] for kk in ("dir", "pp_ids", "pp_labels")} for k, v in models.items()}
-    return {name: run_distributed(_pp_worker, 2, args=(c,), timeout=400) for name, c in cases.items()}
+    return {name: [_from_portable(r) for r in run_distributed(_pp_worker, 2, args=(c,), timeout=400)]
+            for name, c in cases.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
