@@ -280,8 +280,12 @@ def finalize_group(tok, plan: GroupPlan, reflection_texts: Sequence[str], settin
             result.targets.append(RolloutTarget(i, True, L > 0, 0, L, tp, ctx,
                                                 f"correct: whole response, teacher context={ctx}", refl))
             continue
-        loc = localize_quote(refl.error_quote, plan.response_texts[i], tok.token_char_offsets(r.response_ids),
-                             fuzzy_threshold=settings.fuzzy_threshold, min_fuzzy_chars=settings.min_fuzzy_chars)
+        if refl.error_quote is None:  # spare the incremental decoding of the offsets
+            loc = LocalizeResult(None, "none", 0.0, None)
+        else:
+            loc = localize_quote(refl.error_quote, plan.response_texts[i], tok.token_char_offsets(r.response_ids),
+                                 fuzzy_threshold=settings.fuzzy_threshold,
+                                 min_fuzzy_chars=settings.min_fuzzy_chars)
         if loc.found:
             reason = (f"failed: quote found ({loc.method}, score {loc.score:.2f}) at token "
                       f"{loc.token_index}/{L}, teacher context={ctx}")
@@ -297,8 +301,39 @@ def finalize_group(tok, plan: GroupPlan, reflection_texts: Sequence[str], settin
     return result
 
 
+def reflection_prompt_ids(plans: Sequence[GroupPlan]) -> list[list[int]]:
+    """All reflection prompts of a step, flattened in (group, request) order, for one generate call."""
+    return [req.prompt.ids for plan in plans for req in plan.requests]
+
+
+def split_reflections(plans: Sequence[GroupPlan], texts: Sequence[str]) -> list[list[str]]:
+    """Inverse of `reflection_prompt_ids`: the generated texts regrouped per plan."""
+    total = sum(len(p.requests) for p in plans)
+    if len(texts) != total:
+        raise ValueError(f"split_reflections: got {len(texts)} texts for {total} reflection requests")
+    out, pos = [], 0
+    for p in plans:
+        out.append(list(texts[pos:pos + len(p.requests)]))
+        pos += len(p.requests)
+    return out
+
+
 class RosdStats:
-    """Counters over a step's groups; `metrics()` gives the flat dict for the step's log line."""
+    """Counters over a step's groups; `metrics()` gives the flat dict for the step's log line.
+
+    Rates (NaN when their denominator is 0):
+    - `reflection_parse_rate`: reflections with every requested tag parsed (failed: quote and
+      explanation; correct: explanation) / reflections;
+    - `explanation_parse_rate`, `quote_parse_rate` (over failed-rollout reflections);
+    - `quote_found_rate`: failed-rollout reflections whose quote was localized / failed-rollout reflections
+      (a missing quote counts as not found); `quotes_found_<method>` split it by stage;
+    - `failed_distilled_fraction`: mean (L - k) / L over the distilled failed rollouts (fallback-whole
+      ones count 1.0); `localized_distilled_fraction`: the same over localized ones only;
+    - `train_accuracy/<domain>`: fraction of correct rollouts per data domain (never merged).
+    Counts: `groups`, `groups_{mixed,all_correct,all_wrong}`, `groups_skipped_{all_correct,all_wrong,
+    all_wrong_no_reference}`, `rollouts`, `rollouts_distilled`, `tokens_distilled`, `reflections`,
+    `teacher_solution_fallback`, `no_quote_distilled_whole`, `no_quote_skipped`.
+    """
 
     def __init__(self):
         self.c = Counter()

@@ -172,6 +172,17 @@ def test_per_domain_accuracy_and_length_check(tok):
         finalize_group(tok, plan, ["x"], RosdSettings())
 
 
+def test_flatten_and_split_reflections(tok):
+    from megatron_copsd.rosd.groups import reflection_prompt_ids, split_reflections
+
+    plans = [plan_group(tok, _group(tok, f), RosdSettings()) for f in ([True, False], [False, False], [True])]
+    ids = reflection_prompt_ids(plans)
+    assert len(ids) == 3 and ids[0] == plans[0].requests[0].prompt.ids and ids[2] == plans[2].requests[0].prompt.ids
+    assert split_reflections(plans, ["a", "b", "c"]) == [["a", "b"], [], ["c"]]
+    with pytest.raises(ValueError, match="3 reflection requests"):
+        split_reflections(plans, ["a"])
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="on_all_wrong"):
         RosdSettings(on_all_wrong="drop")
