@@ -66,9 +66,11 @@ def _metrics_steps(output_dir: Path) -> list[int]:
         line = line.strip()
         if line:
             try:
-                steps.append(int(json.loads(line)["step"]))
-            except (ValueError, KeyError):
-                pass  # a line being written right now
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line being written right now
+            if "step" in record and not record.get("eval"):  # eval records repeat their step
+                steps.append(int(record["step"]))
     return steps
 
 
@@ -131,10 +133,12 @@ def _need_trainer():
 
 
 def _submit_train(cluster, tmp_path, name, output_dir, steps, extra=(), env=None):
-    args = [*CPU_JOB, f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", "--time=10",
+    # 30 min: longer than the script's `--signal=B:USR1@600` lead, so only the test sends USR1.
+    args = [*CPU_JOB, f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", "--time=30",
             str(SLURM_DIR / "train.sbatch"), "--config", str(TINY_CONFIG),
             f"train.output_dir={output_dir}", f"train.steps={steps}", "parallel.tp=1", "parallel.pp=1",
-            "logging.progress_bar=false", "logging.tensorboard=false", *extra]
+            "logging.progress_bar=false", "logging.tensorboard=false", "eval.every=-1",
+            "checkpoint.export_hf=false", "rollout.max_new_tokens=8", *extra]
     return cluster.sbatch(args, env={**_job_env(tmp_path), **(env or {})}, cwd=tmp_path)
 
 
