@@ -109,15 +109,18 @@ def _worker(args) -> dict:
                tau=args.tau, clip=args.clip, dtype=args.dtype)
     if device == "cpu":
         base = _rss()
-        times = []
+        times, cpu_times = [], []
         for i in range(args.repeat + 1):
             hs.grad = w.grad = None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss, _ = f(hs, ht, w, mask)
             loss.backward()
             if i > 0 or args.repeat == 0:  # the first run is warm-up (torch.compile, allocator)
                 times.append(time.perf_counter() - t0)
-        row.update(device=_cpu_name(), fwd_bwd_s=statistics.median(times), peak_mem_gb=(_peak_rss() - base) / 1e9)
+                cpu_times.append(time.process_time() - c0)
+        # CPU seconds (all threads) are reported too: on a shared machine wall time depends on the neighbours
+        row.update(device=_cpu_name(), fwd_bwd_s=statistics.median(times), cpu_s=statistics.median(cpu_times),
+                   threads=torch.get_num_threads(), peak_mem_gb=(_peak_rss() - base) / 1e9)
         return row
     return _gpu_measure(f, hs, ht, w, mask, args, row)
 
@@ -179,7 +182,8 @@ def _run_case(args, impl, T, H, V) -> dict | None:
         print(f"[bench]   skipped: {tail[0][:200]}", file=sys.stderr, flush=True)
         return None
     row = json.loads(lines[-1])
-    print(f"[bench]   {row['fwd_bwd_s']:.3f} s, peak +{row['peak_mem_gb']:.3f} GB", file=sys.stderr, flush=True)
+    cpu = f", {row['cpu_s']:.2f} CPU-s" if "cpu_s" in row else ""
+    print(f"[bench]   {row['fwd_bwd_s']:.3f} s{cpu}, peak +{row['peak_mem_gb']:.3f} GB", file=sys.stderr, flush=True)
     return row
 
 
@@ -259,7 +263,8 @@ def main(argv=None) -> int:
         b = base.get((r["T"], r["H"], r["V"]))
         ratio = "" if b is None else (f"  time x{r['fwd_bwd_s'] / b['fwd_bwd_s']:.2f}, "
                                       f"memory x{r['peak_mem_gb'] / max(b['peak_mem_gb'], 1e-9):.3f} of naive")
-        print(f"{r['impl']:14s} T={r['T']} H={r['H']} V={r['V']}: {r['fwd_bwd_s']:.3f} s, "
+        cpu = f" ({r['cpu_s']:.2f} CPU-s)" if "cpu_s" in r else ""
+        print(f"{r['impl']:14s} T={r['T']} H={r['H']} V={r['V']}: {r['fwd_bwd_s']:.3f} s{cpu}, "
               f"+{r['peak_mem_gb']:.3f} GB{ratio}")
     print(f"wrote {path}")
     return 0
