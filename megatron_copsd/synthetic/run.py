@@ -30,7 +30,7 @@ def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir:
     t = mode.train
     hf = str(base_root / "hf")
     cfg = {
-        "model": {"hf_path": hf, "tokenizer_path": hf, "dtype": "float32"},
+        "model": {"hf_path": hf, "tokenizer_path": hf, "dtype": "fp32"},
         "data": {"train_path": str(base_root / "data" / "rl_train.jsonl"), "langs": list(TARGET_LANGS),
                  "task": "math", "prompts_per_step": t.prompts_per_step, "max_prompt_tokens": 512},
         "rollout": {"engine": "embedded", "n": t.n, "max_new_tokens": t.max_new_tokens,
@@ -70,9 +70,47 @@ def run_trainer(cfg: dict, run_dir: Path, log) -> Path:
     return hf
 
 
+def mode_from_config(path: str | None, mode_name: str | None) -> Mode:
+    """The preset named by `mode_name` (or the YAML's `mode`, default quick) with the YAML's overrides:
+    `seeds`, `methods`, `train` (TrainSettings fields), `eval` (EvalSettings fields), `trainer` (dotted
+    trainer-config overrides for every method)."""
+    data: dict = {}
+    if path is not None:
+        import yaml
+
+        if not Path(path).is_file():
+            raise ValueError(f"--config: file {path!r} does not exist")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(data) - {"mode", "seeds", "methods", "train", "eval", "trainer"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    name = mode_name or data.get("mode", "quick")
+    if name not in MODES:
+        raise ValueError(f"{path or '--mode'}: mode must be one of {sorted(MODES)}, got {name!r}")
+    mode = MODES[name]
+    try:
+        if "seeds" in data:
+            mode = dataclasses.replace(mode, seeds=tuple(int(s) for s in data["seeds"]))
+        if "methods" in data:
+            bad = [m for m in data["methods"] if m not in METHODS]
+            if bad:
+                raise ValueError(f"methods: unknown {bad}; choose from {list(METHODS)}")
+            mode = dataclasses.replace(mode, methods=tuple(data["methods"]))
+        if "train" in data:
+            mode = dataclasses.replace(mode, train=dataclasses.replace(mode.train, **data["train"]))
+        if "eval" in data:
+            mode = dataclasses.replace(mode, eval=dataclasses.replace(mode.eval, **data["eval"]))
+        if "trainer" in data:
+            mode = dataclasses.replace(mode, extra_overrides={**mode.extra_overrides, **data["trainer"]})
+    except TypeError as e:  # an unknown field name inside train/eval
+        raise ValueError(f"{path}: {e}") from None
+    return mode
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="copsd synth-bench", description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=sorted(MODES), default="quick")
+    p.add_argument("--mode", choices=sorted(MODES), default=None, help="preset (default: quick, or the config's)")
+    p.add_argument("--config", default=None, help="YAML: mode, seeds, methods, train: {...}, eval: {...}")
     p.add_argument("--out", required=True, help="output folder (metrics, report, runs)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="trainer seeds (default: the mode's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: the mode's methods")
@@ -84,7 +122,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    mode = MODES[args.mode]
+    mode = mode_from_config(args.config, args.mode)
     if args.seeds:
         mode = dataclasses.replace(mode, seeds=tuple(args.seeds))
     if args.methods:
