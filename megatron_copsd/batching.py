@@ -83,6 +83,8 @@ class MicroBatch:
     advantages: torch.Tensor  # [T] float
     has_rollout_logprobs: bool
     num_tokens: int
+    item_indices: list = field(default_factory=list)  # TrainItem.index of each row, in target order
+    response_lens: list = field(default_factory=list)  # response length of each row
 
 
 def num_response_tokens(items: Sequence[TrainItem]) -> int:
@@ -152,6 +154,8 @@ def collate(items: Sequence[TrainItem], *, pad_id: int) -> MicroBatch:
         advantages=torch.tensor(adv, dtype=torch.float32),
         has_rollout_logprobs=has_lp,
         num_tokens=len(targets),
+        item_indices=[it.index for it in items],
+        response_lens=[len(r) for r in responses],
     )
 
 
