@@ -106,23 +106,38 @@ def test_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script,module", [
-    ("convert.sbatch", "megatron_copsd.checkpoint.cli"),
-    ("eval.sbatch", "megatron_copsd.eval.cli"),
-    ("bench_kernels.sbatch", "copsd_kernels.bench"),
-])
-def test_passthrough_sbatch_help(slurm_cluster, tmp_path, script, module):
-    """The one-command scripts run their `copsd` subcommand through srun with the arguments given."""
-    if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None or importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} has not landed yet")
-    name = f"{script.split('.')[0]}-{uuid.uuid4().hex[:6]}"
-    job = slurm_cluster.sbatch(["--ntasks=1", "--cpus-per-task=1", "--mem=1G", "--gpus-per-node=0",
-                                f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", "--time=2",
-                                str(SLURM_DIR / script), "--help"], env=_job_env(tmp_path), cwd=tmp_path)
-    info = slurm_cluster.wait(job, timeout=90)
-    log = _job_log(tmp_path, name, job)
-    assert info["JobState"] == "COMPLETED", log
-    assert "usage" in log.lower(), log
+PASSTHROUGH = {"convert.sbatch": "megatron_copsd.checkpoint.cli", "eval.sbatch": "megatron_copsd.eval.cli",
+               "bench_kernels.sbatch": "copsd_kernels.bench"}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_passthrough_sbatch_help(slurm_cluster, tmp_path):
+    """The one-command scripts run their `copsd` subcommand through srun with the arguments given
+    (`--help` here). The jobs run side by side, one CPU each."""
+    landed = {script: module for script, module in PASSTHROUGH.items() if _importable(module)}
+    if not landed:
+        pytest.skip(f"none of {sorted(PASSTHROUGH.values())} has landed yet")
+    jobs = {}
+    for script in landed:
+        name = f"{script.split('.')[0]}-{uuid.uuid4().hex[:6]}"
+        jobs[script] = name, slurm_cluster.sbatch(
+            ["--ntasks=1", "--cpus-per-task=1", "--mem=1G", "--gpus-per-node=0", f"--job-name={name}",
+             f"--output={tmp_path}/%x-%j.out", "--time=5", str(SLURM_DIR / script), "--help"],
+            env=_job_env(tmp_path), cwd=tmp_path)
+    for script, (name, job) in jobs.items():
+        info = slurm_cluster.wait(job, timeout=120)
+        log = _job_log(tmp_path, name, job)
+        assert info["JobState"] == "COMPLETED", f"{script}:\n{log}"
+        assert "usage" in log.lower(), f"{script}:\n{log}"
+    missing = sorted(set(PASSTHROUGH) - set(landed))
+    if missing:
+        pytest.skip(f"checked {sorted(landed)}; modules of {missing} have not landed yet")
 
 
 def _need_trainer():
@@ -142,59 +157,52 @@ def _submit_train(cluster, tmp_path, name, output_dir, steps, extra=(), env=None
     return cluster.sbatch(args, env={**_job_env(tmp_path), **(env or {})}, cwd=tmp_path)
 
 
-def test_train_sbatch_two_ranks(slurm_cluster, tmp_path):
-    """train.sbatch with the tiny CPU config as 2 gloo ranks (DP=2): metrics and the final checkpoint."""
-    _need_trainer()
-    name, out = f"train-{uuid.uuid4().hex[:6]}", tmp_path / "run"
-    job = _submit_train(slurm_cluster, tmp_path, name, out, steps=2, extra=["checkpoint.save_every=2"])
-    info = slurm_cluster.wait(job, timeout=150)
-    logs = _job_log(tmp_path, name, job) + _rank_logs(tmp_path, name, job)
-    assert info["JobState"] == "COMPLETED", logs
-    assert _metrics_steps(out) == [1, 2], logs
-    assert 2 in _checkpoint_steps(out), logs
-    assert "resubmitted" not in logs
-
-
 def _wait_for(pred, timeout, what, logs):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
-        time.sleep(0.5)
+        time.sleep(0.3)
     raise TimeoutError(f"timed out waiting for {what}\n{logs()}")
 
 
-def test_train_sbatch_signal_checkpoint_and_resume(slurm_cluster, tmp_path):
-    """USR1 to the batch shell (what `--signal=B:USR1@600` sends before the time limit): the trainer
-    checkpoints and exits 0, the script resubmits itself with --dependency=singleton, and the new job
-    resumes from that checkpoint (its first step is the next one)."""
+def test_train_sbatch_preempt_resume_complete(slurm_cluster, tmp_path):
+    """train.sbatch with the tiny CPU config as 2 gloo ranks (DP=2), end to end:
+
+    1. job 1 trains; USR1 reaches its batch shell (what `--signal=B:USR1@600` sends before the time
+       limit; `scancel --batch --signal=USR1` sends the same) -> the trainer saves checkpoints/step_N,
+       logs the preemption and exits 0 -> the script resubmits itself with --dependency=singleton;
+    2. job 2 resumes from step_N (its first step is N+1), runs to train.steps, writes the final
+       checkpoint, and does not resubmit. Metrics steps are 1..steps without gaps or repeats.
+    Two job start-ups cover both acceptance runs (start-up, not the 0.2 s steps, is the cost here)."""
     _need_trainer()
-    name, out = f"resume-{uuid.uuid4().hex[:6]}", tmp_path / "run"
-    # Far more steps than will run: both jobs are stopped by the signal. One resubmission only.
-    job1 = _submit_train(slurm_cluster, tmp_path, name, out, steps=10_000,
-                         extra=["checkpoint.save_every=10000"], env={"COPSD_MAX_RESUBMITS": "1"})
+    name, out, total = f"train-{uuid.uuid4().hex[:6]}", tmp_path / "run", 100
+    job1 = _submit_train(slurm_cluster, tmp_path, name, out, steps=total, extra=["checkpoint.save_every=0"],
+                         env={"COPSD_MAX_RESUBMITS": "1"})
 
     def logs(job):
         return lambda: _job_log(tmp_path, name, job) + _rank_logs(tmp_path, name, job)
 
-    _wait_for(lambda: len(_metrics_steps(out)) >= 1, 120, "first training step", logs(job1))
+    _wait_for(lambda: len(_metrics_steps(out)) >= 1, 240, "the first training step", logs(job1))
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job1)])
-    info = slurm_cluster.wait(job1, timeout=60)
+    info1 = slurm_cluster.wait(job1, timeout=120)
     log1 = logs(job1)()
-    assert info["JobState"] == "COMPLETED", log1
+    assert info1["JobState"] == "COMPLETED", log1
+    assert "received SIGUSR1" in log1, log1
     saved = re.search(r"preempted: checkpoint saved at step (\d+)", log1)
     assert saved, log1
     step1 = int(saved.group(1))
-    assert step1 in _checkpoint_steps(out), log1
-    assert max(_metrics_steps(out)) == step1, log1
-    job2 = int(re.search(r"resubmitted as job (\d+)", log1).group(1))
+    assert 1 <= step1 < total, f"the signal came too late to test resumption (step {step1})\n{log1}"
+    assert _checkpoint_steps(out) == [step1], log1
+    assert _metrics_steps(out) == list(range(1, step1 + 1)), log1
+    resubmitted = re.search(r"resubmitted as job (\d+) with --dependency=singleton", log1)
+    assert resubmitted, log1
+    job2 = int(resubmitted.group(1))
 
-    # The resubmitted job resumes: its first logged step continues after the checkpoint.
-    _wait_for(lambda: max(_metrics_steps(out)) > step1, 120, "a step of the resumed job", logs(job2))
-    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job2)])
-    info2 = slurm_cluster.wait(job2, timeout=60)
+    info2 = slurm_cluster.wait(job2, timeout=240)
     log2 = logs(job2)()
     assert info2["JobState"] == "COMPLETED", log2
-    steps = _metrics_steps(out)
-    assert steps == list(range(1, len(steps) + 1)), f"steps do not continue: {steps}\n{log2}"
-    assert "not resubmitting: already resubmitted 1 times" in log2, log2
+    assert re.search(rf"resumed from \S*step_{step1} at step {step1}\b", log2), log2
+    assert _metrics_steps(out) == list(range(1, total + 1)), f"steps do not continue:\n{log2}"
+    assert _checkpoint_steps(out)[-1] == total, log2
+    assert "resubmitted as job" not in log2, log2
