@@ -1,10 +1,10 @@
 """Megatron model vs transformers, in real multi-process gloo runs through the real megatron-core.
 
-Two launches of 2 processes each keep this file fast (~1 min):
+One launch of 2 processes runs every check (spawn + import dominate the cost):
 - TP=2 (then TP=1 in the same processes): logits, hidden-state path, HF round trip, fwd/bwd loss and
   gathered gradients vs transformers and vs TP=1, Megatron optimizer step with clipping, dist checkpoint.
 - PP=2: logits and fwd/bwd through `get_forward_backward_func()` with 4 micro-batches.
-Cases: Qwen3 (q/k norm, untied embeddings) and Llama (tied embeddings).
+Cases: Qwen3 (q/k norm, untied embeddings), Llama (tied embeddings), Qwen2 (q/k/v bias).
 """
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from megatron_copsd.testing.tiny import make_tiny_hf_model
 
 pytestmark = pytest.mark.distributed
 
-CASES = {"qwen3": dict(family="qwen3", tie_word_embeddings=False), "llama": dict(family="llama", tie_word_embeddings=True)}
+CASES = {
+    "qwen3": dict(family="qwen3", tie_word_embeddings=False),  # q/k norm
+    "llama": dict(family="llama", tie_word_embeddings=True),
+    "qwen2": dict(family="qwen2", tie_word_embeddings=False),  # q/k/v bias
+}
 BATCH, SEQ, NUM_MICRO = 2, 9, 4
 LOGIT_ATOL = 1e-4  # fp32, acceptance criterion
 
@@ -161,9 +165,22 @@ def _tp_worker(rank, world_size, case):
     reloaded = gather_hf_state_dict(fresh, cfg)
     out["dcp_equal"] = all(torch.equal(after[k], reloaded[k]) for k in after)
 
+    # The distributed optimizer variant (shards optimizer state over DP) also steps on CPU.
+    fresh_ddp = _wrap_ddp(fresh, use_distributed_optimizer=True)
+    fresh_ddp.zero_grad_buffer()
+    _ce(fresh_ddp(ids, pos, None, runtime_gather_output=True), labels, cfg.vocab_size).backward()
+    finalize_model_grads([fresh_ddp])
+    dist_opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0, bf16=False, fp16=False,
+                                                      params_dtype=torch.float32, use_distributed_optimizer=True),
+                                      [fresh_ddp])
+    ok, grad_norm, _ = dist_opt.step()
+    stepped = gather_hf_state_dict(fresh_ddp, cfg)
+    out["dist_opt_ok"] = bool(ok) and 0 < float(grad_norm) < float("inf")
+    out["dist_opt_delta"] = max((stepped[k] - after[k]).abs().max().item() for k in after)
+
     # TP=1 reference in the same processes (DP=2): plain autograd, no TP collectives.
     destroy_distributed()
-    del ddp, opt
+    del ddp, opt, fresh_ddp, dist_opt
     _, ref_model = _build(hf_dir, 1, 1)
     ref_loss = _ce(ref_model(ids, pos, None), labels, cfg.vocab_size)
     ref_loss.backward()
@@ -260,11 +277,28 @@ def _hf_grads(case):
     return grads
 
 
+def _all_worker(rank, world_size, cases):
+    """One launch for everything: spawning and importing megatron-core dominates the cost."""
+    return {name: {"tp": _tp_worker(rank, world_size, case), "pp": _pp_worker(rank, world_size, case)}
+            for name, case in cases.items()}
+
+
 @pytest.fixture(scope="module")
-def tp_results(models):
-    cases = {k: {kk: v[kk] for kk in ("dir", "ids", "labels")} for k, v in models.items()}
-    return {name: [_from_portable(r) for r in run_distributed(_tp_worker, 2, args=(c,), timeout=400)]
-            for name, c in cases.items()}
+def all_results(models):
+    keys = ("dir", "ids", "labels", "pp_ids", "pp_labels")
+    cases = {k: {kk: v[kk] for kk in keys} for k, v in models.items()}
+    per_rank = [_from_portable(r) for r in run_distributed(_all_worker, 2, args=(cases,), timeout=600)]
+    return {name: {part: [r[name][part] for r in per_rank] for part in ("tp", "pp")} for name in cases}
+
+
+@pytest.fixture(scope="module")
+def tp_results(all_results):
+    return {name: r["tp"] for name, r in all_results.items()}
+
+
+@pytest.fixture(scope="module")
+def pp_results(all_results):
+    return {name: r["pp"] for name, r in all_results.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -306,13 +340,7 @@ def test_tp2_megatron_optimizer_and_dist_checkpoint(models, tp_results, name):
         assert abs(r["grad_norm"] - true_norm) <= 1e-4 * true_norm
         assert 0 < r["param_delta"] < 1e-2
         assert r["dcp_equal"]
-
-
-@pytest.fixture(scope="module")
-def pp_results(models):
-    cases = {k: {kk: v[kk] for kk in ("dir", "pp_ids", "pp_labels")} for k, v in models.items()}
-    return {name: [_from_portable(r) for r in run_distributed(_pp_worker, 2, args=(c,), timeout=400)]
-            for name, c in cases.items()}
+        assert r["dist_opt_ok"] and 0 < r["dist_opt_delta"] < 1e-2
 
 
 @pytest.mark.parametrize("name", list(CASES))
