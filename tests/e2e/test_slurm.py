@@ -206,3 +206,119 @@ def test_train_sbatch_preempt_resume_complete(slurm_cluster, tmp_path):
     assert _metrics_steps(out) == list(range(1, total + 1)), f"steps do not continue:\n{log2}"
     assert _checkpoint_steps(out)[-1] == total, log2
     assert "resubmitted as job" not in log2, log2
+
+
+# ---- the scripts' plumbing with fast fakes (seconds, no torch import) -----------------------------------
+# A stand-in for the trainer: `COPSD_PYTHON -m megatron_copsd.cli train ...` prints its arguments, fetches
+# each SGLang URL it was given, and waits for SIGUSR1 (then logs the trainer's preemption line and exits 0).
+# Any other use of COPSD_PYTHON (the config reader in common.sh) runs the real interpreter.
+FAKE_TRAINER = '''#!{python}
+import json, os, signal, sys, time, urllib.request
+args = sys.argv[1:]
+if args[:2] != ["-m", "megatron_copsd.cli"]:
+    os.execv({python!r}, [{python!r}] + args)
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+print("fake trainer args " + json.dumps(args[2:]), flush=True)
+urls = [a.split("=", 1)[1] for a in args if a.startswith("rollout.sglang_urls=")]
+extra = [os.environ["FAKE_ALSO_GET"]] if os.environ.get("FAKE_ALSO_GET") else []
+for url in (json.loads(urls[0]) if urls else []) + extra:
+    for _ in range(100):
+        try:
+            print(f"GET {{url}} -> {{urllib.request.urlopen(url, timeout=2).status}}", flush=True)
+            break
+        except Exception:  # not listening yet
+            time.sleep(0.2)
+deadline = time.time() + float(os.environ.get("FAKE_TRAIN_SECONDS", "120"))
+while not got and time.time() < deadline:
+    time.sleep(0.1)
+print("preempted: checkpoint saved at step 3" if got else "done", flush=True)
+'''
+# A stand-in for SGLang's python: `-m sglang.launch_server ... --port P` (or the router) serves HTTP on P.
+FAKE_SGLANG = '''#!/bin/bash
+echo "fake sglang: $* CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"
+port=$(sed 's/.*--port \\([0-9]*\\).*/\\1/' <<<"$*")
+exec {python} -m http.server "$port" --bind 127.0.0.1
+'''
+
+
+def _unused_ports(count: int) -> list[int]:
+    """`count` consecutive free ports below the ephemeral range: a client connecting to a not-yet-listening
+    ephemeral port can be handed that very port as its source and talk to itself."""
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randrange(20000, 30000 - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(first, first + count))
+    raise RuntimeError("no free port range found")
+
+
+def _write_exe(path: Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _submit_fake(cluster, tmp_path, name, sbatch_extra, env_extra, trainer_args):
+    env = {**_job_env(tmp_path),
+           "COPSD_PYTHON": _write_exe(tmp_path / "fake_trainer", FAKE_TRAINER.format(python=sys.executable)),
+           **env_extra}
+    return cluster.sbatch([*CPU_JOB, f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", *sbatch_extra,
+                           str(SLURM_DIR / "train.sbatch"), *trainer_args], env=env, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_train_sbatch_time_limit_signal(slurm_cluster, tmp_path):
+    """Slurm's own `--signal=B:USR1@<lead>` before the time limit reaches the ranks through the batch shell,
+    and the script resubmits (here a 1-minute limit with a 50 s lead; Slurm polls, so ~5-35 s)."""
+    name = f"tl-{uuid.uuid4().hex[:6]}"
+    job = _submit_fake(slurm_cluster, tmp_path, name, ["--time=1", "--signal=B:USR1@50"],
+                       {"COPSD_MAX_RESUBMITS": "0"}, ["--config", "x.yaml"])
+    info = slurm_cluster.wait(job, timeout=90)
+    ranks = _rank_logs(tmp_path, name, job)
+    log = _job_log(tmp_path, name, job) + ranks
+    assert info["JobState"] == "COMPLETED", log
+    assert "received SIGUSR1" in log and ranks.count("preempted: checkpoint saved at step 3") == 2, log
+    assert "not resubmitting: already resubmitted 0 times" in log, log
+
+
+def test_train_sbatch_colocated_sglang_servers(slurm_cluster, tmp_path):
+    """COPSD_SGLANG_COLOCATE=1: the servers' command lines come from the run config via rollout.launch,
+    one per GPU slice, plus the router; the trainer gets every server URL and reaches it; the servers
+    stop when training ends."""
+    _need_trainer()  # reads examples/tiny_cpu_copsd.yaml through megatron_copsd.config
+    name = f"sg-{uuid.uuid4().hex[:6]}"
+    base, router = _unused_ports(3)[::2]
+    fake_sglang = _write_exe(tmp_path / "fake_sglang", FAKE_SGLANG.format(python=sys.executable))
+    job = _submit_fake(slurm_cluster, tmp_path, name, ["--time=30"],
+                       {"COPSD_SGLANG_COLOCATE": "1", "COPSD_GPUS_PER_NODE": "2", "COPSD_SGLANG_PORT": str(base),
+                        "COPSD_SGLANG_ROUTER": "1", "COPSD_ROUTER_PORT": str(router),
+                        "COPSD_SGLANG_PYTHON": fake_sglang, "FAKE_TRAIN_SECONDS": "0",
+                        "FAKE_ALSO_GET": f"http://127.0.0.1:{router}"},
+                       ["--config", str(TINY_CONFIG), "rollout.sglang_tp=1"])
+    info = slurm_cluster.wait(job, timeout=90)
+    ranks = _rank_logs(tmp_path, name, job)
+    log = _job_log(tmp_path, name, job) + ranks
+    assert info["JobState"] == "COMPLETED", log
+    urls = [f"http://{slurm_cluster.hostname}:{base + i}" for i in range(2)]
+    assert f'"rollout.sglang_urls=[\\"{urls[0]}\\",\\"{urls[1]}\\"]"' in log, log
+    for url in urls:
+        assert ranks.count(f"GET {url} -> 200") == 2, log  # both ranks reached both servers
+    for i in range(2):
+        assert re.search(rf"sglang.launch_server --model-path tiny:qwen3 --tp-size 1 .*--port {base + i} .*"
+                         rf"CUDA_VISIBLE_DEVICES={i}$", log, re.M), log
+    assert f"sglang_router.launch_router --host 0.0.0.0 --port {router} --worker-urls {urls[0]} {urls[1]}" in log, log
+    assert ranks.count(f"GET http://127.0.0.1:{router} -> 200") == 2, log
+    # The servers and the router are gone with the job: nothing listens on their ports any more.
+    import socket
+
+    for port in (base, base + 1, router):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
