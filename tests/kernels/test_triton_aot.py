@@ -5,11 +5,13 @@ import pytest
 pytestmark = pytest.mark.kernels
 
 aot = pytest.importorskip("copsd_kernels.aot", reason="triton is not installed")
-CASES = [(name, fn, cfg, extra) for name, fn, cfgs, extra in aot.VARIANTS for cfg in cfgs]
+# ~5 s per compile + ptxas here: the first config of every kernel runs by default, the rest are marked slow.
+CASES = [pytest.param(name, fn, cfg, extra, marks=[pytest.mark.slow] if i else [],
+                      id=f"{name}-T{cfg['BLOCK_T']}V{cfg['BLOCK_V']}H{cfg['BLOCK_H']}w{cfg['num_warps']}")
+         for name, fn, cfgs, extra in aot.VARIANTS for i, cfg in enumerate(cfgs)]
 
 
-@pytest.mark.parametrize("name,fn,cfg,extra", CASES,
-                         ids=[f"{c[0]}-T{c[2]['BLOCK_T']}V{c[2]['BLOCK_V']}w{c[2]['num_warps']}" for c in CASES])
+@pytest.mark.parametrize("name,fn,cfg,extra", CASES)
 def test_kernel_config_compiles_for_hopper(name, fn, cfg, extra):
     if aot.ptxas_path() is None:
         pytest.skip("the triton wheel ships no ptxas: cannot compile or count registers")
