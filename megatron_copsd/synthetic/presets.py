@@ -70,11 +70,16 @@ FULL = Mode(
     seeds=(0, 1, 2),
 )
 
-# The e2e test: the quick base model (cached across runs), one method, a short but real training run.
+# The e2e test (< ~2.5 min on 2 free cores, base model included): a smaller base model and a short COPSD
+# run with a higher learning rate, so the trained model measurably differs from the base.
 SMOKE = Mode(
     name="smoke",
-    base=QUICK.base,
-    train=TrainSettings(steps=8),
+    base=BaseModelSpec(
+        corpus=CorpusSpec(gen=EASY, num_english=1000, num_parallel=80, num_translation=80, num_target=10,
+                          num_rl=64, num_eval=24),
+        steps=120,
+    ),
+    train=TrainSettings(steps=6, lr=1e-3),
     eval=EvalSettings(num_samples=2),
     seeds=(0,),
     methods=("copsd",),

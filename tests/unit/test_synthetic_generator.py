@@ -43,7 +43,7 @@ def test_deterministic_and_seed_dependent(cfg):
 @pytest.mark.parametrize("cfg", [G.GeneratorConfig(), CFG_HARD])
 def test_answers_recomputed_independently(cfg):
     for p in G.generate_problems(0, 200, "train", cfg) + G.generate_problems(0, 100, "eval", cfg):
-        problem_en, solution_en = G.render(p, "en")
+        problem_en, solution_en = G.render(p, "eng")
         expected = _solve_from_english(problem_en)
         assert p.answer == expected
         # The solution's equations are each arithmetically right and chain to the boxed answer.
@@ -89,13 +89,13 @@ def test_synthetic_scripts_in_their_unicode_blocks(code, lo, hi, script):
             assert not re.search(r"[A-Za-z]", text.replace("\\boxed", ""))
         # Digits and the boxed answer survive translation, so the answer stays checkable.
         assert f"\\boxed{{{p.answer}}}" in solution
-        assert re.findall(r"\d+", problem) == re.findall(r"\d+", G.render(p, "en")[0])
+        assert re.findall(r"\d+", problem) == re.findall(r"\d+", G.render(p, "eng")[0])
 
 
 def test_lexicon_is_injective_on_template_words():
     words = set()
     for p in G.generate_problems(0, 300, "train", CFG_HARD):
-        words |= set(re.findall(r"[A-Za-z]+", " ".join(G.render(p, "en"))))
+        words |= set(re.findall(r"[A-Za-z]+", " ".join(G.render(p, "eng"))))
     words |= set(re.findall(r"[A-Za-z]+", L.INSTRUCTION_EN))
     words = {w.lower() for w in words} - {"boxed"}
     for code in L.SYNTHETIC_LANGUAGES:
@@ -112,4 +112,27 @@ def test_example_record_fields():
     ex = G.to_example(p, "qva", "eval")
     assert set(ex) >= {"id", "lang", "problem", "answer", "problem_en", "solution_en", "domain", "meta"}
     assert ex["answer"] == str(p.answer) and ex["lang"] == "qva"
-    assert ex["problem_en"] == G.render(p, "en")[0]
+    assert ex["problem_en"] == G.render(p, "eng")[0]
+
+
+def test_corpus_pools_disjoint_and_loadable(tmp_path):
+    from megatron_copsd.data.loaders import load_copsd_training
+    from megatron_copsd.synthetic import corpus as C
+    from megatron_copsd.synthetic.languages import register_synthetic_languages
+
+    register_synthetic_languages()
+    spec = C.CorpusSpec(num_english=200, num_parallel=30, num_translation=30, num_target=5, num_rl=20, num_eval=10)
+    c = C.build_corpus(spec)
+    pools = [c.english, c.rl, c.eval] + [ps for d in (c.parallel, c.translation, c.target) for ps in d.values()]
+    sigs = [p.signature() for ps in pools for p in ps]
+    assert len(sigs) == len(set(sigs))  # no problem in two pools
+    assert all(G.split_of(p, 0.2) == "eval" for p in c.eval)
+    assert not any(G.split_of(p, 0.2) == "eval" for ps in pools[:1] + pools[3:] for p in ps)
+    path = C.write_jsonl(C.rl_rows(c), tmp_path / "rl.jsonl")
+    for code in ("qge", "qva"):
+        exs = load_copsd_training(path, code)
+        assert len(exs) == 20 and exs[0].lang == code
+        assert L.in_block(exs[0].problem, code) and exs[0].problem_en.isascii()
+        assert exs[0].answer == str(c.rl[0].answer)
+    kinds = {d["kind"] for d in C.pretrain_documents(c)}
+    assert kinds == {"student", "teacher", "chat"}
