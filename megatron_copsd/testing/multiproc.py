@@ -8,6 +8,7 @@ that child's traceback; a hang past `timeout` kills every child and raises Timeo
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -39,7 +40,11 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
         if init_pg:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, True, out))
+        # Serialise here: a tensor put on an mp queue travels as a file descriptor that vanishes when this
+        # child exits, so the parent could not read it.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -90,7 +95,9 @@ def run_distributed(
                         )
                 continue
             if ok:
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)  # our own child's bytes
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break

@@ -38,3 +38,13 @@ def test_tiny_model_roundtrip(tmp_path, family):
     ids = torch.tensor([[2, 5, 7, 11]])
     assert torch.equal(model(ids).logits, again(ids).logits)
     assert model.config.vocab_size == 301
+
+
+def _tensor_result(rank, world_size):
+    return {"rank": rank, "t": torch.full((3,), float(rank))}
+
+
+def test_run_distributed_returns_tensors():
+    out = run_distributed(_tensor_result, 2, timeout=120)
+    assert [o["rank"] for o in out] == [0, 1]
+    assert torch.equal(out[1]["t"], torch.ones(3))
