@@ -86,9 +86,10 @@ class SlurmCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = root / "etc" / "slurm.conf"
         self.munge_socket = root / "munge" / "run" / "munge.socket"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
-        # Client commands must never fall back to a system munge socket or system slurm.conf.
-        self.env.pop("SLURM_JOB_ID", None)
+        # Clients find this cluster through SLURM_CONF; an enclosing job's SLURM_* (if pytest itself runs
+        # under Slurm) would leak into sbatch/srun and must not.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        self.env["SLURM_CONF"] = str(self.conf)
 
     # ---- setup -------------------------------------------------------------------------------
     def _start_munge(self) -> None:
@@ -198,7 +199,12 @@ class SlurmCluster:
         """Cancel remaining jobs, then stop exactly the daemons started here (by pid)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", f"--partition={PARTITION}"], check=False)
-            time.sleep(1)
+            deadline = time.monotonic() + 20  # let slurmd reap the jobs' steps before it goes
+            while time.monotonic() < deadline:
+                queue = self.run(["squeue", "-h", "-o", "%i"], check=False)
+                if queue.returncode != 0 or not queue.stdout.strip():
+                    break
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -262,6 +268,8 @@ def slurm_cluster():
     """Session-wide one-node Slurm cluster; skipped with the reason when it cannot be installed."""
     if not sys.platform.startswith("linux"):
         pytest.skip("Slurm test cluster needs Linux")
+    if os.geteuid() != 0:
+        pytest.skip("a test Slurm cluster needs root (slurmd runs jobs as their users; SlurmUser=root)")
     reason = ensure_slurm_installed()
     if reason:
         pytest.skip(reason)

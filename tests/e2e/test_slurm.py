@@ -277,14 +277,15 @@ def _submit_fake(cluster, tmp_path, name, sbatch_extra, env_extra, trainer_args)
 @pytest.mark.slow
 def test_train_sbatch_time_limit_signal(slurm_cluster, tmp_path):
     """Slurm's own `--signal=B:USR1@<lead>` before the time limit reaches the ranks through the batch shell,
-    and the script resubmits (here a 1-minute limit with a 50 s lead; Slurm polls, so ~5-35 s)."""
+    and the script resubmits. A 2-minute limit with a 110 s lead: due 10 s after the start; slurmctld checks
+    time limits every 30 s, so it comes 10-40 s in (later on a loaded machine), well before the limit."""
     name = f"tl-{uuid.uuid4().hex[:6]}"
-    job = _submit_fake(slurm_cluster, tmp_path, name, ["--time=1", "--signal=B:USR1@50"],
+    job = _submit_fake(slurm_cluster, tmp_path, name, ["--time=2", "--signal=B:USR1@110"],
                        {"COPSD_MAX_RESUBMITS": "0"}, ["--config", "x.yaml"])
-    info = slurm_cluster.wait(job, timeout=90)
+    info = slurm_cluster.wait(job, timeout=150)
     ranks = _rank_logs(tmp_path, name, job)
     log = _job_log(tmp_path, name, job) + ranks
-    assert info["JobState"] == "COMPLETED", log
+    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} (TIMEOUT: the signal never came)\n{log}"
     assert "received SIGUSR1" in log and ranks.count("preempted: checkpoint saved at step 3") == 2, log
     assert "not resubmitting: already resubmitted 0 times" in log, log
 
