@@ -72,10 +72,11 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     train_path: str = "fixture:tiny"
-    """JSONL of examples (id, lang, problem, answer, problem_en, solution_en), or `fixture:tiny` for the
-    small in-repo generated arithmetic set (megatron_copsd.tiny_run)."""
+    """COPSD-format training file (JSON/JSONL rows with problem, solution, problem_<lang>, answer; made by
+    `copsd prepare-data`), or `fixture:tiny` for the small generated arithmetic set (megatron_copsd.tiny_run)."""
     eval_path: Optional[str] = None
-    """Held-out examples for periodic eval; default: none (for `fixture:tiny`, a disjoint generated set)."""
+    """Held-out examples for periodic eval: a COPSD-format file or an AfriMGSM TSV; `{lang}` in the path is
+    replaced per language. Default: none (for `fixture:tiny`, a disjoint generated set)."""
     langs: list = field(default_factory=list)
     """Keep only these language codes (empty: all)."""
     task: str = "math"

@@ -25,8 +25,10 @@ def check_paths(cfg: Config) -> None:
             raise ValueError(f"config field data.train_path: file {cfg.data.train_path!r} does not exist")
         if not cfg.data.langs:
             raise ValueError("config field data.langs: list the language codes to train on (e.g. [swa])")
-    if cfg.data.eval_path and not Path(cfg.data.eval_path).is_file():
-        raise ValueError(f"config field data.eval_path: file {cfg.data.eval_path!r} does not exist")
+    for lang in (cfg.data.langs or ["swa"]) if cfg.data.eval_path else []:
+        path = cfg.data.eval_path.replace("{lang}", lang)
+        if not Path(path).is_file():
+            raise ValueError(f"config field data.eval_path: file {path!r} does not exist")
     if not cfg.model.hf_path.startswith("tiny:") and not (Path(cfg.model.hf_path) / "config.json").is_file():
         raise ValueError(f"config field model.hf_path: no config.json in {cfg.model.hf_path!r}")
     if cfg.data.train_path.startswith("fixture:") and cfg.data.train_path != "fixture:tiny":

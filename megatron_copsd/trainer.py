@@ -362,7 +362,7 @@ def _resolve_data_and_model(cfg: Config, out: Path, rank: int):
         train_path = str(out / "data" / "fixture_train.jsonl")
         eval_path = eval_path or str(out / "data" / "fixture_eval.jsonl")
     train = [ex for lang in langs for ex in load_copsd_training(train_path, lang)]
-    evals = [ex for lang in langs for ex in load_copsd_training(eval_path, lang)] if eval_path else []
+    evals = [ex for lang in langs for ex in _load_eval(eval_path, lang)] if eval_path else []
     hf_dir = cfg.model.hf_path
     if hf_dir.startswith("tiny:"):
         hf_dir = str(out / "tiny_model")
@@ -372,6 +372,17 @@ def _resolve_data_and_model(cfg: Config, out: Path, rank: int):
                                             **cfg.model.tiny_overrides)
         _barrier()
     return train, evals, hf_dir
+
+
+def _load_eval(path: str, lang: str):
+    """Held-out examples: an AfriMGSM TSV (header with question, answer_number) or a COPSD-format file;
+    `{lang}` in the path is replaced by the language code (AfriMGSM keeps one folder per language)."""
+    from megatron_copsd.data.loaders import load_afrimgsm_tsv, load_copsd_training
+
+    path = path.replace("{lang}", lang)
+    if path.endswith(".tsv"):
+        return load_afrimgsm_tsv(path, lang)
+    return load_copsd_training(path, lang)
 
 
 def _barrier() -> None:

@@ -68,3 +68,18 @@ def test_derived_args():
     assert sk["lr_warmup_steps"] == 2 and sk["max_lr"] == 1e-3 and sk["init_lr"] == 0.0
     args = sglang_launch_args(cfg, "/m", port=31000)
     assert args[args.index("--port") + 1] == "31000" and "--model-path" in args
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu_copsd", "tiny_cpu_grpo", "tiny_cpu_sampled_kl", "qwen3_1p7b_copsd",
+                                  "qwen3_4b_copsd", "qwen3_8b_copsd", "qwen3_1p7b_grpo", "qwen3_4b_grpo",
+                                  "qwen3_8b_grpo"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    from megatron_copsd.data.languages import get_language
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml")
+    for lang in cfg.data.langs:
+        get_language(lang)
+    if name.startswith("qwen3"):
+        assert cfg.train.steps == 100 and cfg.rollout.n * cfg.data.prompts_per_step == 32
