@@ -33,11 +33,14 @@ class EvalSettings:
 
 
 def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: str,
-                        settings: EvalSettings = EvalSettings(),
+                        settings: EvalSettings = EvalSettings(), teacher_prompt: bool = False,
                         log: Callable[[str], None] = print) -> list:
-    """Scored generations (greedy sample_idx 0, then `num_samples` sampled) for every example."""
+    """Scored generations (greedy sample_idx 0, then `num_samples` sampled) for every example.
+
+    `teacher_prompt=True` generates from the COPSD teacher prompt (problem + English problem + English
+    solution) instead: a diagnostic of how good the privileged-context teacher is before training."""
     from megatron_copsd.data.graders import grade_math
-    from megatron_copsd.data.prompts import student_prompt
+    from megatron_copsd.data.prompts import copsd_teacher_prompt, student_prompt
     from megatron_copsd.data.tokenizer import load_tokenizer
     from megatron_copsd.eval.metrics import ScoredGeneration
     from megatron_copsd.rollout.embedded import EmbeddedEngine
@@ -49,7 +52,11 @@ def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: 
     tok = load_tokenizer(hf_dir)
     engine = EmbeddedEngine(str(hf_dir), eos_token_ids=tok.stop_token_ids, pad_token_id=tok.pad_token_id,
                             valid_vocab=tok.vocab_size, max_batch_size=settings.max_batch_size)
-    prompts = [student_prompt(tok, ex["lang"], ex["problem"]).ids for ex in examples]
+    if teacher_prompt:
+        prompts = [copsd_teacher_prompt(tok, ex["lang"], ex["problem"], ex["problem_en"], ex["solution_en"]).ids
+                   for ex in examples]
+    else:
+        prompts = [student_prompt(tok, ex["lang"], ex["problem"]).ids for ex in examples]
     runs = [(True, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0, n=1))]
     if settings.num_samples > 0:
         runs.append((False, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,

@@ -169,6 +169,15 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
         return recs
 
     records = evaluate(base_root / "hf", "base")
+    # Diagnostic: the base model as COPSD teacher (greedy, privileged English context) on target languages.
+    t = time.time()
+    teacher_recs = evaluate_checkpoint(base_root / "hf", [e for e in examples if e["lang"] in TARGET_LANGS],
+                                       label="teacher(base)", settings=dataclasses.replace(mode.eval, num_samples=0),
+                                       teacher_prompt=True, log=log)
+    timings["eval teacher(base)"] = time.time() - t
+    teacher_acc = {lang: greedy_accuracy(teacher_recs, lang) for lang in TARGET_LANGS}
+    log(f"[eval] teacher(base) with privileged English context: greedy accuracy "
+        + ", ".join(f"{k} {v:.3f}" for k, v in teacher_acc.items()))
     checkpoints = {"base": str(base_root / "hf")}
     if not skip_train:
         for seed in mode.seeds:
@@ -191,7 +200,8 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
     t = mode.train
     info = {"mode": mode.name, "seeds": list(mode.seeds), "methods": list(mode.methods),
             "budget": f"{t.steps} steps x {t.prompts_per_step} prompts x {t.n} rollouts, <= {t.max_new_tokens} new tokens",
-            "base_model": str(base_root), "checkpoints": checkpoints, "timings": timings}
+            "base_model": str(base_root), "checkpoints": checkpoints, "timings": timings,
+            "teacher_greedy_accuracy": teacher_acc}
     files = {"summary": str(out / "summary.md"), "metrics": report_files.get("csv", ""),
              "report": report_files.get("markdown", ""), "scored generations": str(out / "scored_generations.jsonl"),
              "base checkpoint": str(base_root / "hf")}

@@ -75,6 +75,10 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
           "English (eng) is the high-resource language. Every method: same base model, training problems, "
           f"seeds {list(info.get('seeds', []))} and rollout budget ({info.get('budget')}).", "",
           "**Verdict:** " + verdict(agg, target_langs), ""]
+    if info.get("teacher_greedy_accuracy"):
+        md += ["COPSD teacher check (base model, teacher prompt with the English problem and solution, greedy): "
+               + ", ".join(f"{k} {v:.3f}" for k, v in info["teacher_greedy_accuracy"].items())
+               + ". COPSD can only help where this teacher is better than the base student.", ""]
     ks = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("pass@")})
     metrics = list(HEADLINE) + ([f"pass@{ks[-1]}", f"maj@{ks[-1]}"] if ks else [])
     for metric in metrics:
