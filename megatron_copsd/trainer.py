@@ -234,7 +234,7 @@ class Trainer:
         state = {
             "step": self.step,
             "model": self.policy.model.state_dict(),
-            "optimizer": self.policy.optimizer.state_dict(),
+            "optimizer": _optimizer_state(self.policy.optimizer),
             "scheduler": self.policy.scheduler.state_dict(),
             "rng": ckpt.capture_rng_state(),
             "mp_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -253,7 +253,7 @@ class Trainer:
             return  # the engine was loaded from the same HF weights as the policy
         state = ckpt.load_training_state(path)
         self.policy.model.load_state_dict(state["model"])
-        self.policy.optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(self.policy.optimizer, state["optimizer"])
         self.policy.scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng_state(state["rng"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["mp_rng"])
@@ -372,6 +372,37 @@ def _resolve_data_and_model(cfg: Config, out: Path, rank: int):
                                             **cfg.model.tiny_overrides)
         _barrier()
     return train, evals, hf_dir
+
+
+def _optimizer_state(optimizer) -> dict:
+    """Megatron optimizer state of this rank. The distributed optimizer keeps Adam moments and fp32 main
+    params in its own shards, outside `state_dict()`; they are saved per rank in bucket space (no
+    gather), so resuming needs the same layout."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    out = {"state_dict": optimizer.state_dict()}
+    if any(isinstance(o, DistributedOptimizer) for o in subs):
+        shards = []
+        for o in subs:
+            st = o.get_parameter_state_dp_reshardable()
+            for key, dtype_state in st.items():
+                if isinstance(key, int):
+                    for buckets in dtype_state.values():
+                        for bucket in buckets:
+                            for elem in bucket:
+                                elem["padding"] = False  # what load_parameter_state_from_dp_reshardable filters on
+            shards.append(st)
+        out["dist_param_state"] = shards
+    return out
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    optimizer.load_state_dict(state["state_dict"])
+    if "dist_param_state" in state:
+        with torch.no_grad():
+            for o, st in zip(getattr(optimizer, "chained_optimizers", [optimizer]), state["dist_param_state"]):
+                o.load_parameter_state_from_dp_reshardable(st)
 
 
 def _load_eval(path: str, lang: str):

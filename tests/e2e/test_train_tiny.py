@@ -56,19 +56,60 @@ def test_copsd_tiny_run_writes_everything(tmp_path):
     assert result["metrics"].endswith("metrics.jsonl")
 
 
-@pytest.mark.parametrize("objective", ["grpo", "sampled_kl"])
+@pytest.mark.parametrize("objective", ["grpo", "sampled_kl", "sft", "copsd-ema", "copsd-dynamic"])
 def test_other_objectives_same_loop(tmp_path, objective):
-    extra = ["objective.tis_cap=2.0", "objective.kl_coef=0.05"] if objective == "grpo" else []
-    _, recs = run_tiny(tmp_path, objective, [f"objective.name={objective}", "eval.every=-1",
+    extra = {"grpo": ["objective.tis_cap=2.0", "objective.kl_coef=0.05"],
+             "copsd-ema": ["objective.teacher=ema", "objective.ema_decay=0.5", "objective.teacher_top_k=16"],
+             "copsd-dynamic": ["objective.teacher=dynamic", "objective.divergence=reverse_kl",
+                               "objective.token_clip=0.01"]}.get(objective, [])
+    name = objective.split("-")[0]
+    _, recs = run_tiny(tmp_path, objective, [f"objective.name={name}", "eval.every=-1",
                                              "checkpoint.export_hf=false", *extra])
     assert len(recs) == 2
     for r in recs:
-        assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in ("loss", "grad_norm", "logprob_gap"))
+        keys = ("loss", "grad_norm") + (() if objective == "sft" else ("logprob_gap",))  # sft has no rollouts
+        assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in keys)
     if objective == "grpo":
         assert "ratio_mean" in recs[0] and recs[0]["ratio_mean"] == pytest.approx(1.0)  # one update per batch
         assert "kl" in recs[0] and "tis_weight_mean" in recs[0]
+    elif objective == "sft":
+        assert recs[1]["nll"] < recs[0]["nll"] and recs[0]["loss"] == pytest.approx(recs[0]["nll"], rel=1e-5)
     else:
         assert "divergence" in recs[0]
+    if objective == "copsd-dynamic":
+        assert 0 <= recs[0]["clip_fraction"] <= 1
+
+
+def test_ema_teacher_moves_towards_student():
+    from megatron_copsd.run_setup import Teacher
+
+    class P:  # the policy interface Teacher uses
+        def __init__(self, inner):
+            self.inner, self.model = inner, inner
+
+    student = torch.nn.Linear(3, 2)
+    copy = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        student.weight.fill_(1.0), copy.weight.fill_(0.0)
+    t = Teacher("ema", P(student), lambda: copy, decay=0.75)
+    t.after_step()
+    assert torch.allclose(copy.weight, torch.full_like(copy.weight, 0.25))
+    assert Teacher("dynamic", P(student), lambda: None).acquire() is student
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect: with parallel.use_distributed_optimizer the first update after a resume differs (~1e-3 "
+    "relative at step 4) although model weights, main params, Adam moments/step, LR and WD all compare "
+    "equal after loading; root cause not found yet. The default (non-distributed) optimizer resumes exactly "
+    "(tests/e2e/test_train_resume.py)."))
+def test_distributed_optimizer_resume_restores_adam_state(tmp_path):
+    ov = ["parallel.use_distributed_optimizer=true", "eval.every=-1", "checkpoint.export_hf=false"]
+    _, a = run_tiny(tmp_path, "a", ov + ["train.steps=4"])
+    run_tiny(tmp_path, "b", ov + ["train.steps=2"])
+    _, b = run_tiny(tmp_path, "b", ov + ["train.steps=4"])
+    # step 4's loss depends on step 3's update, which uses the restored Adam moments
+    for key in ("loss", "grad_norm", "response_len"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-6), key
 
 
 def test_bad_config_fails_before_work(tmp_path, capsys):
