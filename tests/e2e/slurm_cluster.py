@@ -45,25 +45,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _missing_binaries() -> list[str]:
-    return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+def apt_install(packages: tuple[str, ...], binaries: tuple[str, ...]) -> str | None:
+    """apt-get install `packages` unless all `binaries` exist. Returns a reason string if impossible."""
+    def missing() -> list[str]:
+        return [b for b in binaries if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+
+    if not missing():
+        return None
+    if os.geteuid() != 0:
+        return f"{missing()} missing and not root (cannot apt-get install {' '.join(packages)})"
+    if shutil.which("apt-get") is None:
+        return f"{missing()} missing and apt-get not available"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            return f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-500:]}"
+    return f"still missing after apt-get install: {missing()}" if missing() else None
 
 
 def ensure_slurm_installed() -> str | None:
     """Install Slurm + munge with apt-get when missing. Returns a reason string if impossible."""
-    if not _missing_binaries():
-        return None
-    if os.geteuid() != 0:
-        return f"Slurm binaries {_missing_binaries()} missing and not root (cannot apt-get install)"
-    if shutil.which("apt-get") is None:
-        return "Slurm binaries missing and apt-get not available"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            return f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-500:]}"
-    missing = _missing_binaries()
-    return f"still missing after apt-get install: {missing}" if missing else None
+    return apt_install(PACKAGES, BINARIES)
 
 
 def _mem_mb() -> int:

