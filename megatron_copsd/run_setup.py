@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_copsd.config import (
-    Config,
+from megatron_copsd.config import Config
+from megatron_copsd.derived_args import (
     ddp_config_kwargs,
     megatron_optimizer_kwargs,
     megatron_scheduler_kwargs,

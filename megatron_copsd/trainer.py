@@ -23,7 +23,8 @@ import torch.distributed as dist
 from megatron_copsd import experience as xp
 from megatron_copsd.batching import collate, num_response_tokens, pack_microbatches, shard_for_dp
 from megatron_copsd.checkpoint import state as ckpt
-from megatron_copsd.config import Config, resolve_dtype, save_config
+from megatron_copsd.config import Config, save_config
+from megatron_copsd.derived_args import resolve_dtype
 from megatron_copsd.metrics_log import MetricsLogger
 from megatron_copsd.rollout.types import SamplingParams
 from megatron_copsd.train_step import METRIC_KEYS, ObjectiveSpec, student_pass, teacher_pass

@@ -1,9 +1,7 @@
 import pytest
 
-from megatron_copsd.config import (
-    Config,
-    config_from_dict,
-    load_config,
+from megatron_copsd.config import Config, config_from_dict, load_config
+from megatron_copsd.derived_args import (
     megatron_optimizer_kwargs,
     megatron_scheduler_kwargs,
     sglang_launch_args,

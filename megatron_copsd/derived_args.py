@@ -1,0 +1,92 @@
+"""Megatron and SGLang arguments derived from the run config, one function each.
+
+    OptimizerConfig(**megatron_optimizer_kwargs(cfg, params_dtype=torch.bfloat16))
+    OptimizerParamScheduler(optimizer, **megatron_scheduler_kwargs(cfg))
+    build_gpt_model(hf_config, **transformer_overrides(cfg))
+    DistributedDataParallelConfig(**ddp_config_kwargs(cfg))
+    ["python", "-m", "sglang.launch_server", *sglang_launch_args(cfg, model_path, port=30000)]
+"""
+from __future__ import annotations
+
+from megatron_copsd.config import Config
+
+def resolve_dtype(cfg: Config, cuda_available: bool):
+    import torch
+
+    if cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda_available):
+        return torch.bfloat16
+    return torch.float32
+
+
+def megatron_optimizer_kwargs(cfg: Config, *, params_dtype) -> dict:
+    """Keyword arguments for `megatron.core.optimizer.OptimizerConfig` (AdamW with grad clipping)."""
+    import torch
+
+    o = cfg.optim
+    return dict(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        decoupled_weight_decay=True,
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+
+
+def megatron_scheduler_kwargs(cfg: Config) -> dict:
+    """Keyword arguments for `megatron.core.optimizer_param_scheduler.OptimizerParamScheduler`
+    (minus the optimizer). One scheduler step per optimizer step."""
+    o = cfg.optim
+    decay_steps = max(cfg.train.steps, o.warmup_steps + 1)
+    return dict(
+        init_lr=0.0 if o.warmup_steps > 0 else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+
+
+def transformer_overrides(cfg: Config) -> dict:
+    """TransformerConfig attributes the trainer sets on the built model before wrapping it in DDP.
+
+    `calculate_per_token_loss=True` stops Megatron from dividing the loss by the number of micro-batches
+    and from averaging gradients over data-parallel ranks: our objectives already divide by the global
+    valid-token count, so gradients summed over micro-batches and DP ranks are the global token mean.
+    """
+    return dict(calculate_per_token_loss=True)
+
+
+def ddp_config_kwargs(cfg: Config) -> dict:
+    """Keyword arguments for `megatron.core.distributed.DistributedDataParallelConfig`."""
+    return dict(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+
+
+def sglang_launch_args(cfg: Config, model_path: str, *, port: int = 30000, host: str = "0.0.0.0") -> list[str]:
+    """Command-line arguments of `python -m sglang.launch_server` for one rollout server."""
+    dtype = {"bf16": "bfloat16", "fp32": "float32", "auto": "bfloat16"}[cfg.model.dtype]
+    return [
+        "--model-path", model_path,
+        "--tp-size", str(cfg.rollout.sglang_tp),
+        "--mem-fraction-static", str(cfg.rollout.sglang_mem_fraction),
+        "--dtype", dtype,
+        "--host", host,
+        "--port", str(port),
+        "--random-seed", str(cfg.train.seed),
+        "--skip-tokenizer-init",
+    ]
