@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         result = Trainer(cfg).run()
     finally:
         destroy_distributed()
-    if not result.get("preempted"):
+    if not result.get("preempted") and result.get("rank", 0) == 0:
         print(f"metrics:    {result['metrics']}\ncheckpoint: {result['checkpoint']}\n"
               f"hf export:  {result['hf']}\nreport:     {result['report']}", flush=True)
     return 0

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_copsd import experience as xp
-from megatron_copsd.batching import collate, num_response_tokens, pack_microbatches, shard_for_dp
+from megatron_copsd.batching import TrainItem, collate, num_response_tokens, pack_microbatches, shard_for_dp
 from megatron_copsd.checkpoint import state as ckpt
 from megatron_copsd.config import Config, save_config
 from megatron_copsd.derived_args import resolve_dtype
@@ -135,7 +135,7 @@ class Trainer:
                 self.save()
                 self.log.message(f"preempted: checkpoint saved at step {self.step}")
                 self.log.close()
-                return {"preempted": True, "step": self.step}
+                return {"rank": self.rank, "preempted": True, "step": self.step}
         return self.finish()
 
     # ------------------------------------------------------------------------------------------ phases
@@ -161,6 +161,14 @@ class Trainer:
 
     def microbatches(self, items):
         shard = shard_for_dp(items, self.info.dp_rank, self.info.dp_size)
+        if not shard and items:
+            # Fewer sequences than DP ranks: this rank still has to join the gradient all-reduce, so it
+            # runs one masked-out placeholder sequence (zero loss weight, zero gradient, zero tokens).
+            mb = collate([TrainItem([self.tok.pad_token_id], [self.tok.pad_token_id], [self.tok.pad_token_id],
+                                    index=-1)], pad_id=self.tok.pad_token_id)
+            mb.mask.zero_()
+            mb.has_rollout_logprobs = False
+            return [mb]
         groups = pack_microbatches(shard, self.cfg.train.micro_batch_tokens)
         return [collate(g, pad_id=self.tok.pad_token_id) for g in groups]
 
@@ -181,8 +189,6 @@ class Trainer:
             teacher = self.teacher.acquire() if self.teacher.separate_weights else None
             totals = student_pass(policy.model, microbatches, self.spec, float(num_global_tokens), teacher_model=teacher)
             self.teacher.release()
-        elif num_global_tokens > 0:
-            raise RuntimeError("this data-parallel rank got no sequences; use fewer DP ranks or more rollouts")
         m = _reduce_metrics(totals, self.info.tp_size)
         out = {"loss": m["loss"], "tokens": int(m["tokens"])}
         if num_global_tokens == 0:
@@ -297,9 +303,9 @@ class Trainer:
             self.evaluate()
         if dist.is_initialized():
             dist.barrier()
-        result = {"step": self.step, "metrics": str(self.log.path), "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)),
+        result = {"rank": self.rank, "step": self.step, "metrics": str(self.log.path), "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)),
                   "hf": str(hf_out) if hf_out else None, "report": self.last_eval.get("report")}
-        self.log.message("done: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+        self.log.message("done: " + ", ".join(f"{k}={v}" for k, v in result.items() if k != "rank"))
         self.log.close()
         return result
 

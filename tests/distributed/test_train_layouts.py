@@ -31,7 +31,7 @@ def _cfg(model_dir, data_path, out_dir, tp, pp):
     })
 
 
-def probe_per_token(trainer):
+def probe_per_token(trainer, num_items=5):
     """Loss and per-token divergence of a fixed batch (prompts from the data, fixed responses)."""
     import torch.distributed as dist
 
@@ -40,7 +40,7 @@ def probe_per_token(trainer):
     from megatron_copsd.trainer import _reduce_metrics
 
     items = []
-    for i, p in enumerate(trainer.train_set[:5]):
+    for i, p in enumerate(trainer.train_set[:num_items]):
         resp = trainer.tok.encode(p.example.solution_en)[: 6 + i] + [trainer.tok.eos_token_id]
         items.append(TrainItem(p.student_ids, p.teacher_ids, resp, index=i))
     mbs = trainer.microbatches(items)
@@ -81,11 +81,12 @@ def layout_worker(rank, world_size, layouts, model_dir, data_path, out_root):
         try:
             trainer = Trainer(_cfg(model_dir, data_path, out, tp, pp))
             loss, per_token = probe_per_token(trainer)
+            single = probe_per_token(trainer, num_items=1)  # DP=2: one rank runs a masked placeholder
             trainer.run()
         finally:
             destroy_distributed()
         recs = read_metrics(f"{out}/metrics.jsonl") if rank == 0 else None
-        results[(tp, pp)] = {"probe_loss": loss, "per_token": per_token, "metrics": recs}
+        results[(tp, pp)] = {"probe_loss": loss, "per_token": per_token, "metrics": recs, "single": single}
     return results
 
 
@@ -105,6 +106,9 @@ def test_layouts_match_single_process(tmp_path):
             torch.testing.assert_close(torch.tensor(got["per_token"][i]), torch.tensor(ref["per_token"][i]),
                                        rtol=RTOL, atol=ATOL)
         assert got["probe_loss"] == pytest.approx(ref["probe_loss"], rel=RTOL, abs=ATOL)
+        assert got["single"][0] == pytest.approx(ref["single"][0], rel=RTOL, abs=ATOL)
+        torch.testing.assert_close(torch.tensor(got["single"][1][0]), torch.tensor(ref["single"][1][0]),
+                                   rtol=RTOL, atol=ATOL)
         # The first step of the full loop: same rollouts (rank 0, same seed), same loss and gradient norm.
         a, b = got["metrics"][0], ref["metrics"][0]
         assert a["response_len"] == b["response_len"] and a["tokens"] == b["tokens"]

@@ -1,5 +1,4 @@
 """End-to-end: the real loop (embedded rollouts, Megatron passes, optimizer, checkpoints) on a tiny model."""
-import json
 import os
 
 import pytest

@@ -57,7 +57,6 @@ def test_unknown_yaml_key_and_cross_checks():
 def test_derived_args():
     import torch
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: F401
 
     cfg = config_from_dict({}, ["optim.lr=1e-3", "optim.clip_grad=0.1", "optim.warmup_steps=2"])
     oc = OptimizerConfig(**megatron_optimizer_kwargs(cfg, params_dtype=torch.float32))
