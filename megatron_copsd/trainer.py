@@ -410,6 +410,11 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
         with torch.no_grad():
             for o, st in zip(getattr(optimizer, "chained_optimizers", [optimizer]), state["dist_param_state"]):
                 o.load_parameter_state_from_dp_reshardable(st)
+                # megatron-core 0.16's load_state_dict gives every parameter the *same* dummy `step` tensor;
+                # torch's Adam then increments it once per parameter per step (wrong bias correction).
+                for param_state in o.optimizer.state.values():
+                    if torch.is_tensor(param_state.get("step")):
+                        param_state["step"] = param_state["step"].clone()
 
 
 def _load_eval(path: str, lang: str):
