@@ -1,10 +1,13 @@
 """Same data, different Megatron layouts: 1 process vs TP=2, PP=2 and DP=2 over gloo (real megatron-core).
 
 Checks (a) the COPSD loss and every per-token divergence of a fixed probe batch (teacher pass + student
-pass through get_forward_backward_func, no optimizer step) and (b) the first training step of the full
+pass through get_forward_backward_func, no optimizer step; also with teacher top-k and with a single
+sequence, which leaves one DP rank a masked placeholder) and (b) the first training step of the full
 loop (embedded rollouts on rank 0, broadcast, optimizer step). Tolerance: rtol 1e-4 / atol 1e-6 in fp32 --
 layouts differ only in reduction order (TP all-reduces of partial GEMMs / log-sum-exps, DP gradient sums).
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,11 +85,16 @@ def layout_worker(rank, world_size, layouts, model_dir, data_path, out_root):
             trainer = Trainer(_cfg(model_dir, data_path, out, tp, pp))
             loss, per_token = probe_per_token(trainer)
             single = probe_per_token(trainer, num_items=1)  # DP=2: one rank runs a masked placeholder
+            full_spec = trainer.spec
+            trainer.spec = dataclasses.replace(full_spec, teacher_top_k=16)  # chunked torch path, TP all_gather
+            topk = probe_per_token(trainer)
+            trainer.spec = full_spec
             trainer.run()
         finally:
             destroy_distributed()
         recs = read_metrics(f"{out}/metrics.jsonl") if rank == 0 else None
-        results[(tp, pp)] = {"probe_loss": loss, "per_token": per_token, "metrics": recs, "single": single}
+        results[(tp, pp)] = {"probe_loss": loss, "per_token": per_token, "metrics": recs, "single": single,
+                            "topk": topk}
     return results
 
 
@@ -109,6 +117,11 @@ def test_layouts_match_single_process(tmp_path):
         assert got["single"][0] == pytest.approx(ref["single"][0], rel=RTOL, abs=ATOL)
         torch.testing.assert_close(torch.tensor(got["single"][1][0]), torch.tensor(ref["single"][1][0]),
                                    rtol=RTOL, atol=ATOL)
+        assert got["topk"][0] == pytest.approx(ref["topk"][0], rel=RTOL, abs=ATOL)
+        assert got["topk"][0] != pytest.approx(got["probe_loss"], rel=1e-3)  # top-16 is a different objective
+        for i in range(5):
+            torch.testing.assert_close(torch.tensor(got["topk"][1][i]), torch.tensor(ref["topk"][1][i]),
+                                       rtol=RTOL, atol=ATOL)
         # The first step of the full loop: same rollouts (rank 0, same seed), same loss and gradient norm.
         a, b = got["metrics"][0], ref["metrics"][0]
         assert a["response_len"] == b["response_len"] and a["tokens"] == b["tokens"]
