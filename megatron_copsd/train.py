@@ -11,6 +11,7 @@ command prints where the metrics, the checkpoint, the HF export and the eval rep
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,8 +32,26 @@ def check_paths(cfg: Config) -> None:
             raise ValueError(f"config field data.eval_path: file {path!r} does not exist")
     if not cfg.model.hf_path.startswith("tiny:") and not (Path(cfg.model.hf_path) / "config.json").is_file():
         raise ValueError(f"config field model.hf_path: no config.json in {cfg.model.hf_path!r}")
+    if not cfg.model.hf_path.startswith("tiny:"):
+        _check_layout(cfg, json.loads((Path(cfg.model.hf_path) / "config.json").read_text()))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if world % (cfg.parallel.tp * cfg.parallel.pp):
+        raise ValueError(f"config fields parallel.tp={cfg.parallel.tp} x parallel.pp={cfg.parallel.pp} do not divide "
+                         f"the {world} launched processes")
     if cfg.data.train_path.startswith("fixture:") and cfg.data.train_path != "fixture:tiny":
         raise ValueError(f"config field data.train_path: unknown fixture {cfg.data.train_path!r} (use fixture:tiny)")
+
+
+def _check_layout(cfg: Config, hf: dict) -> None:
+    """TP must divide the attention / KV heads and PP the layers (Megatron would fail later, mid-setup)."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    heads = hf.get("num_attention_heads", 1)
+    kv = hf.get("num_key_value_heads") or heads
+    if heads % tp or kv % tp:
+        raise ValueError(f"config field parallel.tp={tp} must divide num_attention_heads={heads} and "
+                         f"num_key_value_heads={kv} of {cfg.model.hf_path}")
+    if hf.get("num_hidden_layers", pp) % pp:
+        raise ValueError(f"config field parallel.pp={pp} must divide num_hidden_layers={hf.get('num_hidden_layers')}")
 
 
 def _single_process_port() -> None:
@@ -61,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("COPSD_THREADS", "2")))))
     _single_process_port()
     from megatron_copsd.megatron.dist import destroy_distributed
-    from megatron_copsd.trainer import Trainer
+    from megatron_copsd.trainer import NonFiniteLossError, Trainer
 
     try:
         result = Trainer(cfg).run()
+    except NonFiniteLossError as e:
+        print(f"copsd train: {e}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()
     if not result.get("preempted") and result.get("rank", 0) == 0:

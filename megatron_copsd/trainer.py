@@ -132,7 +132,8 @@ class Trainer:
             if cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
             if self.preempted():
-                self.save()
+                if not (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
+                    self.save()
                 self.log.message(f"preempted: checkpoint saved at step {self.step}")
                 self.log.close()
                 return {"rank": self.rank, "preempted": True, "step": self.step}

@@ -28,17 +28,6 @@ def _start(cmd, log):
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
-def _wait_for(path, proc, timeout=300):
-    t0 = time.monotonic()
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited with {proc.returncode} before {path} appeared")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise TimeoutError(path)
-        time.sleep(0.02)
-
-
 def test_sigkill_resume_matches_uninterrupted_and_sigusr1_preempts(tmp_path):
     from megatron_copsd import tiny_run
     from megatron_copsd.data.loaders import load_copsd_training
@@ -46,14 +35,24 @@ def test_sigkill_resume_matches_uninterrupted_and_sigusr1_preempts(tmp_path):
     train, _ = tiny_run.write_fixture(tmp_path / "data", num_train=16, num_eval=2)
     model = tiny_run.materialize_tiny_model(tmp_path / "model", "qwen3", tiny_run.tokenizer_texts(
         load_copsd_training(train, "swa")), hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
-    steps = 8
+    steps = 12
     a = _start(_cmd(model, train, tmp_path / "a", steps), tmp_path / "a.log")
     b = _start(_cmd(model, train, tmp_path / "b", steps), tmp_path / "b.log")
     c = _start(_cmd(model, train, tmp_path / "c", 1000), tmp_path / "c.log")
-    _wait_for(tmp_path / "c" / "checkpoints" / "step_1" / "meta.json", c)
-    c.send_signal(signal.SIGUSR1)  # preemption: finish the step, save, exit 0
-    _wait_for(tmp_path / "b" / "checkpoints" / "step_2" / "meta.json", b)
-    b.send_signal(signal.SIGKILL)  # a crash: no chance to clean up
+    # Watch both runs at once: kill b (a crash: no chance to clean up) as soon as its step-2 checkpoint is
+    # complete, and preempt c (finish the step, save, exit 0) after its first checkpoint.
+    pending = {b: (tmp_path / "b" / "checkpoints" / "step_2" / "meta.json", signal.SIGKILL),
+               c: (tmp_path / "c" / "checkpoints" / "step_1" / "meta.json", signal.SIGUSR1)}
+    t0 = time.monotonic()
+    while pending:
+        for proc, (path, sig) in list(pending.items()):
+            if path.exists():
+                proc.send_signal(sig)
+                del pending[proc]
+            elif proc.poll() is not None:
+                raise AssertionError(f"run exited with {proc.returncode} before {path} appeared")
+        assert time.monotonic() - t0 < 300, "runs did not reach their checkpoints"
+        time.sleep(0.005)
     b.wait()
     assert c.wait(timeout=300) == 0, (tmp_path / "c.log").read_text()[-3000:]
     c_log = (tmp_path / "c.log").read_text()

@@ -113,6 +113,14 @@ def test_bad_config_fails_before_work(tmp_path, capsys):
     assert main(["objective.divergence=kl", f"train.output_dir={tmp_path / 'x'}"]) == 2
     assert "objective.divergence" in capsys.readouterr().err
     assert main(["model.hf_path=/nonexistent", f"train.output_dir={tmp_path / 'x'}"]) == 2
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3}')
+    assert main([f"model.hf_path={hf}", "parallel.tp=4", f"train.output_dir={tmp_path / 'x'}"]) == 2
+    assert main([f"model.hf_path={hf}", "parallel.pp=2", f"train.output_dir={tmp_path / 'x'}"]) == 2
+    assert main(["parallel.tp=2", f"train.output_dir={tmp_path / 'x'}"]) == 2  # one process cannot hold TP=2
+    err = capsys.readouterr().err
+    assert "parallel.tp=4" in err and "parallel.pp=2" in err and "launched processes" in err
     assert not (tmp_path / "x").exists()
 
 
