@@ -443,6 +443,8 @@ def _build_engine(cfg: Config, hf_dir, hf_config, tok, out: Path):
                             shared_dir=str(out / "weight_sync"), hf_config=hf_config)
     from megatron_copsd.rollout.embedded import EmbeddedEngine
 
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+    # Same precision as the policy (bf16 on GPU): the engine holds a full copy next to rank 0's shard.
     return EmbeddedEngine(str(hf_dir), eos_token_ids=stops, pad_token_id=tok.pad_token_id,
-                          max_batch_size=cfg.rollout.max_batch_size, device=device)
+                          max_batch_size=cfg.rollout.max_batch_size, device=device, dtype=resolve_dtype(cfg, cuda))
