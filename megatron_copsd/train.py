@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("COPSD_THREADS", "2")))))
+        torch.set_num_threads(cfg.train.cpu_threads)
     _single_process_port()
     from megatron_copsd.megatron.dist import destroy_distributed
     from megatron_copsd.trainer import NonFiniteLossError, Trainer

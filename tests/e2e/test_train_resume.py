@@ -23,7 +23,7 @@ def _cmd(model, train, out, steps):
 
 
 def _start(cmd, log):
-    env = dict(os.environ, COPSD_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("MASTER_PORT", None)
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
