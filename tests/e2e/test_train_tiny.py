@@ -52,6 +52,13 @@ def test_copsd_tiny_run_writes_everything(tmp_path):
     assert (out / "checkpoints" / "step_2" / "meta.json").is_file() and not (out / "checkpoints" / "step_1").exists()
     assert (out / "hf" / "config.json").is_file() and (out / "tensorboard").is_dir()
     assert result["report"] and os.path.isfile(result["report"])
+    # The HF export is the trained policy: loadable by transformers, different from the initial weights.
+    import transformers
+
+    trained = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).state_dict()
+    initial = transformers.AutoModelForCausalLM.from_pretrained(str(out / "tiny_model")).state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
     assert result["metrics"].endswith("metrics.jsonl")
 
 
