@@ -27,7 +27,8 @@ import torch
 from . import tp
 from .types import DivergenceResult, LogprobResult, local_valid
 
-CHUNK_ELEMENTS = 1 << 22  # 16 MB per fp32 [T_c, V_local] buffer; a handful of them are live at a time
+CHUNK_ELEMENTS = 1 << 23  # 32 MB per fp32 [T_c, V_local] buffer (4 live): big GEMMs, well under Liger's memory
+BLOCK_ELEMENTS = 1 << 18  # elementwise passes run on ~1 MB row blocks so consecutive passes hit the L2 cache
 
 
 def _chunk_len(num_tokens: int, num_local: int, chunk_size) -> int:
@@ -36,56 +37,141 @@ def _chunk_len(num_tokens: int, num_local: int, chunk_size) -> int:
     return max(1, min(num_tokens, CHUNK_ELEMENTS // max(1, num_local)))
 
 
+def _exp_stats(x, out):
+    """x [n, nv] -> x - rowmax in place, out = exp(x - rowmax); returns (rowmax, rowsum of out)."""
+    m = x.amax(1)
+    x.sub_(m[:, None])
+    return m, torch.exp(x, out=out).sum(1)
+
+
+def _rowdot(x, y, scratch):
+    """Row-wise dot product through a preallocated scratch buffer (faster than bmm / vecdot on CPU)."""
+    return torch.mul(x, y, out=scratch[:x.shape[0]]).sum(1)
+
+
+def _run_stages(stages, num_rows, block_rows, single_rank):
+    """stages: [(is_collective, fn(rows: slice))]. One rank: every row block runs all stages back to back, so
+    its logit rows stay in cache between passes. Tensor parallel: a collective needs the whole chunk, so
+    each local stage runs over every block before the next collective (same number of calls on every rank)."""
+    blocks = [slice(r0, min(num_rows, r0 + block_rows)) for r0 in range(0, num_rows, block_rows)]
+    if single_rank:
+        for r in blocks:
+            for _, fn in stages:
+                fn(r)
+        return
+    for collective, fn in stages:
+        for r in ([slice(0, num_rows)] if collective else blocks):
+            fn(r)
+
+
 def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, group, nv, need_dh, need_dw,
                         chunk_size):
     """Returns (per_token [T] fp32, dhs [T,H] fp32 | None, dw [V_local,H] fp32 | None); the gradients are of
-    sum_t loss_weight_t * min(div_t, clip)."""
-    num_t = hs.shape[0]
+    sum_t loss_weight_t * min(div_t, clip).
+
+    Per chunk, with A = a - max_a, X = exp(A), B = b - max_b, Y = exp(B) (so q = X u_a, p = Y u_b with the
+    per-row u = exp(max - lse)), every buffer is preallocated and reused in place: 2 exp + (JSD) 1 log per
+    logit, no [T_c, V] temporaries. Row scales of the logit gradient are applied to the [T_c, H] GEMM
+    operands instead of the [T_c, V] buffer."""
+    num_t, dev = hs.shape[0], hs.device
     wv, twv = w[:nv].float(), tw[:nv].float()  # [nv, H]; no copy when already fp32
-    per_token = torch.empty(num_t, dtype=torch.float32, device=hs.device)
-    dhs = torch.zeros(hs.shape, dtype=torch.float32, device=hs.device) if need_dh else None
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+    per_token = torch.empty(num_t, dtype=torch.float32, device=dev)
+    need_grad = need_dh or need_dw
+    dhs = torch.zeros(hs.shape, dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_dw else None
     tc = _chunk_len(num_t, w.shape[0], chunk_size)
+    # from the (equal) shard size, not nv: every rank must run the same number of collectives
+    rb = max(1, min(tc, BLOCK_ELEMENTS // max(1, w.shape[0])))
     inv_tau = 1.0 / tau
+    # JSD only (beta in (0, 1) there): M = (1 - beta) (q + ratio p)
+    lc, ratio = (math.log1p(-beta), beta / (1.0 - beta)) if kind == "jsd" else (0.0, 0.0)
+    bufs = torch.empty(4, tc, nv, dtype=torch.float32, device=dev)
+    scratch = torch.empty(rb, nv, dtype=torch.float32, device=dev)
+    st = torch.zeros(11, tc, dtype=torch.float32, device=dev)  # per-row statistics of the current chunk
+    ma, sa, mb, sb, e, lse_a, lse_b, div, d1, klqm, rscale = st
+    jl = st.new_zeros(tc, 2)  # JSD: local (KL(p||M), KL(q||M)) pieces, summed over ranks
+    single = tp.tp_size(group) == 1
     for c0 in range(0, num_t, tc):
         c1 = min(num_t, c0 + tc)
+        n = c1 - c0
+        A, B, X, Y = (buf[:n] for buf in bufs)
         hs_c = hs[c0:c1].float()
-        a = (hs_c * inv_tau) @ wv.T  # [T_c, nv] student logits / tau
-        b = (ht[c0:c1].float() * inv_tau) @ twv.T  # [T_c, nv] teacher logits / tau
-        la, lb = torch.logsumexp(a, 1), torch.logsumexp(b, 1)
-        if kind == "forward_kl":
-            e = torch.sub(b, lb[:, None]).exp_().mul_(torch.sub(b, a)).sum(1)
-        elif kind == "reverse_kl":
-            e = torch.sub(a, la[:, None]).exp_().mul_(torch.sub(a, b)).sum(1)
-        else:
-            e = torch.zeros_like(la)
-        lse_a, lse_b, div = tp.combine_kl(tp.gather_stats(torch.stack([la, lb, e], 1), group), kind)
-        a.sub_(lse_a[:, None])  # log q (local slice of the global distribution)
-        b.sub_(lse_b[:, None])  # log p
+        torch.mm(hs_c * inv_tau if tau != 1.0 else hs_c, wv.T, out=A)  # student logits / tau
+        torch.mm(ht[c0:c1].float() * inv_tau if tau != 1.0 else ht[c0:c1].float(), twv.T, out=B)  # teacher
+        coef = (torch.full((n,), inv_tau, device=dev) if loss_weight is None
+                else loss_weight[c0:c1].float() * inv_tau)
+
+        def stats(r):
+            if nv == 0:  # this rank's shard is all vocabulary padding
+                ma[r], mb[r], sa[r], sb[r], e[r] = -math.inf, -math.inf, 0.0, 0.0, 0.0
+                return
+            ma[r], sa[r] = _exp_stats(A[r], X[r])
+            mb[r], sb[r] = _exp_stats(B[r], Y[r])
+            if kind == "forward_kl":  # local E_p[b - a]; B becomes b - a - (max_b - max_a)
+                e[r] = _rowdot(Y[r], B[r].sub_(A[r]), scratch) / sb[r] + (mb[r] - ma[r])
+            elif kind == "reverse_kl":  # local E_q[a - b]; A becomes a - b - (max_a - max_b)
+                e[r] = _rowdot(X[r], A[r].sub_(B[r]), scratch) / sa[r] + (ma[r] - mb[r])
+            else:
+                d1[r] = _rowdot(Y[r], B[r], scratch)
+
+        def combine(r):
+            la, lb = ma[r] + sa[r].log(), mb[r] + sb[r].log()
+            lse_a[r], lse_b[r], d = tp.combine_kl(tp.gather_stats(torch.stack([la, lb, e[r]], 1), group), kind)
+            if d is not None:
+                div[r] = d
+
+        def jsd_sums(r):
+            if nv == 0:
+                return
+            ua, ub = torch.exp(ma[r] - lse_a[r]), torch.exp(mb[r] - lse_b[r])
+            logz = torch.mul(X[r], ua[:, None], out=B[r]).addcmul_(Y[r], (ratio * ub)[:, None]).log_()
+            # log M = log Z + log(1 - beta); A becomes log q - log M - (max_a - lse_a - log(1 - beta))
+            d_pz = _rowdot(Y[r], logz, scratch)
+            d_qa = _rowdot(X[r], A[r].sub_(logz), scratch)
+            jl[r, 0] = ub * (d1[r] - d_pz + (mb[r] - lse_b[r] - lc) * sb[r])  # sum p (log p - log M)
+            jl[r, 1] = ua * (d_qa + (ma[r] - lse_a[r] - lc) * sa[r])  # sum q (log q - log M)
+
+        def jsd_combine(r):
+            s = tp.all_reduce_sum(jl[r], group)
+            div[r] = beta * s[:, 0] + (1 - beta) * s[:, 1]  # JSD = beta KL(p||M) + (1-beta) KL(q||M)
+            klqm[r] = s[:, 1]
+
+        def grad(r):
+            cf = coef[r] if clip is None else coef[r] * (div[r] <= clip)  # clipped tokens: no gradient
+            if nv == 0:
+                return
+            ua = torch.exp(ma[r] - lse_a[r])
+            if kind == "forward_kl":  # dz = coef (q - p), written into X
+                ub = torch.exp(mb[r] - lse_b[r])
+                X[r].mul_((cf * ua)[:, None]).addcmul_(Y[r], (-cf * ub)[:, None])
+                return
+            if kind == "reverse_kl":  # coef q (log q - log p - KL(q||p))
+                c = ma[r] - lse_a[r] - mb[r] + lse_b[r] - div[r]
+                rscale[r] = cf * ua
+            else:  # (1 - beta) coef q (log q - log M - KL(q||M))
+                c = ma[r] - lse_a[r] - lc - klqm[r]
+                rscale[r] = (1 - beta) * cf * ua
+            A[r].add_(c[:, None]).mul_(X[r])
+
+        stages = [(False, stats), (True, combine)]
         if kind == "jsd":
-            logm = torch.logaddexp(b + math.log(beta), a + math.log1p(-beta))
-            q, p = a.exp(), b.exp()
-            sums = torch.stack([(p * b).sum(1), (q * a).sum(1), (logm.exp() * logm).sum(1), (q * logm).sum(1)], 1)
-            del p
-            div, kl_qm = tp.combine_jsd(tp.all_reduce_sum(sums, group), beta)
-        per_token[c0:c1] = div
-        if dhs is None and dw is None:
+            stages += [(False, jsd_sums), (True, jsd_combine)]
+        if need_grad:
+            stages.append((False, grad))
+        _run_stages(stages, n, rb, single)
+        per_token[c0:c1] = div[:n]
+        if not need_grad:
             continue
-        coef = torch.full_like(div, inv_tau) if loss_weight is None else loss_weight[c0:c1].float() * inv_tau
-        if clip is not None:
-            coef = coef * (div <= clip)  # clipped tokens contribute a constant: no gradient
         if kind == "forward_kl":
-            dz = a.exp_().sub_(b.exp_())  # q - p
-        elif kind == "reverse_kl":
-            b.neg_().add_(a).sub_(div[:, None])  # log q - log p - KL(q||p)
-            dz = b.mul_(a.exp_())
+            dz, s = X, None
         else:
-            dz = a.sub_(logm).sub_(kl_qm[:, None]).mul_(q).mul_(1 - beta)
-        dz.mul_(coef[:, None])
+            dz, s = A, rscale[:n, None]
         if dhs is not None:
-            dhs[c0:c1] = dz @ wv
+            torch.mm(dz, wv, out=dhs[c0:c1])
+            if s is not None:
+                dhs[c0:c1].mul_(s)
         if dw is not None:
-            dw[:nv].addmm_(dz.T, hs_c)
+            dw[:nv].addmm_(dz.T, hs_c if s is None else hs_c * s)
     if dhs is not None:
         tp.all_reduce_sum(dhs, group)
     return per_token, dhs, dw
