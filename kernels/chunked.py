@@ -116,6 +116,13 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
 
         def combine(r):
             la, lb = ma[r] + sa[r].log(), mb[r] + sb[r].log()
+            if single:  # what combine_kl reduces to for one shard, without its per-call overhead
+                lse_a[r], lse_b[r] = la, lb
+                if kind == "forward_kl":
+                    div[r] = e[r] - lb + la
+                elif kind == "reverse_kl":
+                    div[r] = e[r] - la + lb
+                return
             lse_a[r], lse_b[r], d = tp.combine_kl(tp.gather_stats(torch.stack([la, lb, e[r]], 1), group), kind)
             if d is not None:
                 div[r] = d
