@@ -74,7 +74,11 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
     logit, no [T_c, V] temporaries. Row scales of the logit gradient are applied to the [T_c, H] GEMM
     operands instead of the [T_c, V] buffer."""
     num_t, dev = hs.shape[0], hs.device
-    wv, twv = w[:nv].float(), tw[:nv].float()  # [nv, H]; no copy when already fp32
+    # default teacher head = the student's weights (detached view): one fp32 copy and one GEMM over the
+    # stacked hidden states per chunk (~7% faster than two GEMMs on CPU)
+    shared = tw.data_ptr() == w.data_ptr() and tw.dtype == w.dtype and tw.stride() == w.stride()
+    wv = w[:nv].float()  # [nv, H]; no copy when already fp32
+    twv = wv if shared else tw[:nv].float()
     per_token = torch.empty(num_t, dtype=torch.float32, device=dev)
     need_grad = need_dh or need_dw
     dhs = torch.zeros(hs.shape, dtype=torch.float32, device=dev) if need_dh else None
@@ -85,7 +89,7 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
     inv_tau = 1.0 / tau
     # JSD only (beta in (0, 1) there): M = (1 - beta) (q + ratio p)
     lc, ratio = (math.log1p(-beta), beta / (1.0 - beta)) if kind == "jsd" else (0.0, 0.0)
-    bufs = torch.empty(4, tc, nv, dtype=torch.float32, device=dev)
+    bufs = torch.empty(4 * tc, nv, dtype=torch.float32, device=dev)  # a chunk's A, B, X, Y, adjacent
     scratch = torch.empty(rb, nv, dtype=torch.float32, device=dev)
     st = torch.zeros(11, tc, dtype=torch.float32, device=dev)  # per-row statistics of the current chunk
     ma, sa, mb, sb, e, lse_a, lse_b, div, d1, klqm, rscale = st
@@ -94,10 +98,13 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
     for c0 in range(0, num_t, tc):
         c1 = min(num_t, c0 + tc)
         n = c1 - c0
-        A, B, X, Y = (buf[:n] for buf in bufs)
-        hs_c = hs[c0:c1].float()
-        torch.mm(hs_c * inv_tau if tau != 1.0 else hs_c, wv.T, out=A)  # student logits / tau
-        torch.mm(ht[c0:c1].float() * inv_tau if tau != 1.0 else ht[c0:c1].float(), twv.T, out=B)  # teacher
+        A, B, X, Y = bufs[:4 * n].view(4, n, -1).unbind(0)
+        hs_c, ht_c = hs[c0:c1].float(), ht[c0:c1].float()
+        if shared:  # [a; b] = [h_s; h_t] W^T / tau
+            torch.mm(torch.cat([hs_c, ht_c]).mul_(inv_tau), wv.T, out=bufs[:2 * n])
+        else:
+            torch.mm(hs_c * inv_tau, wv.T, out=A)  # student logits / tau
+            torch.mm(ht_c * inv_tau, twv.T, out=B)  # teacher logits / tau
         coef = (torch.full((n,), inv_tau, device=dev) if loss_weight is None
                 else loss_weight[c0:c1].float() * inv_tau)
 
