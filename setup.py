@@ -18,6 +18,7 @@ setup(
         "megatron-core>=0.16,<0.18",
         "triton>=3.0",
         "transformers>=4.51",
+        "huggingface_hub",  # prepare-data downloads (only when asked and online)
         "safetensors>=0.4",
         "datasets>=2.19",
         "sentencepiece>=0.2",
@@ -37,6 +38,8 @@ setup(
         # Only what the HTTP client needs; never the SGLang server itself.
         "sglang": ["requests"],
         "wandb": ["wandb"],
+        # A peer baseline for `copsd bench-kernels` (optional).
+        "bench": ["liger-kernel"],
     },
     entry_points={"console_scripts": ["copsd=megatron_copsd.cli:main"]},
 )
