@@ -40,6 +40,9 @@ class TrainItem:
     """GRPO advantage of this rollout (same for every token)."""
     index: int = 0
     """Position in the global batch (stable ordering / debugging)."""
+    loss_mask: list[float] | None = None
+    """Per response token: 1 = counts in the loss and the global token count, 0 = context only (ROSD
+    distills a failed response from the localized error on). None: every token counts."""
 
     def __post_init__(self) -> None:
         if not self.response:
@@ -49,6 +52,13 @@ class TrainItem:
         if self.rollout_logprobs and len(self.rollout_logprobs) != len(self.response):
             raise ValueError(f"TrainItem {self.index}: {len(self.rollout_logprobs)} log-probs for "
                              f"{len(self.response)} response tokens")
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.response):
+            raise ValueError(f"TrainItem {self.index}: {len(self.loss_mask)} loss-mask entries for "
+                             f"{len(self.response)} response tokens")
+
+    @property
+    def num_loss_tokens(self) -> float:
+        return float(len(self.response)) if self.loss_mask is None else float(sum(self.loss_mask))
 
     @property
     def student_len(self) -> int:
@@ -88,7 +98,8 @@ class MicroBatch:
 
 
 def num_response_tokens(items: Sequence[TrainItem]) -> int:
-    return sum(len(it.response) for it in items)
+    """Tokens that count in the loss (the global-mean denominator): all response tokens unless masked."""
+    return int(round(sum(it.num_loss_tokens for it in items)))
 
 
 def shard_for_dp(items: Sequence[TrainItem], dp_rank: int, dp_size: int) -> list[TrainItem]:
@@ -149,7 +160,8 @@ def collate(items: Sequence[TrainItem], *, pad_id: int) -> MicroBatch:
         student=student,
         teacher=teacher,
         targets=targets,
-        mask=torch.ones(len(targets), dtype=torch.float32),
+        mask=torch.tensor([m for it in items for m in (it.loss_mask if it.loss_mask is not None
+                                                        else [1.0] * len(it.response))], dtype=torch.float32),
         rollout_logprobs=torch.tensor(lps, dtype=torch.float32),
         advantages=torch.tensor(adv, dtype=torch.float32),
         has_rollout_logprobs=has_lp,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from megatron_copsd.rosd.config import RosdConfig
+
 
 def _fail(path: str, msg: str) -> None:
     raise ValueError(f"config field {path}: {msg}")
@@ -71,8 +73,12 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     train_path: str = "fixture:tiny"
-    """COPSD-format training file (JSON/JSONL rows with problem, solution, problem_<lang>, answer; made by
-    `copsd prepare-data`), or `fixture:tiny` for the small generated arithmetic set (megatron_copsd.tiny_run)."""
+    """Training file in `data.format`, or `fixture:tiny` for the small generated arithmetic set (megatron_copsd.tiny_run)."""
+    format: str = "copsd"
+    """Layout of train/eval files: `copsd` (rows with problem, solution, problem_<lang>, answer; made by
+    `copsd prepare-data`; eval may also be an AfriMGSM TSV), `sciknoweval` (MCQ rows with prompt, answer letter,
+    system; the domain from the file name sciknoweval_<domain>_* or a `domain` field; prompts used as given)
+    or `tooluse` (prompt + gold call list). Non-copsd formats ignore data.langs and need data.task mcq / tooluse."""
     eval_path: Optional[str] = None
     """Held-out examples for periodic eval: a COPSD-format file or an AfriMGSM TSV; `{lang}` in the path is
     replaced per language. Default: none (for `fixture:tiny`, a disjoint generated set)."""
@@ -95,6 +101,12 @@ class DataConfig:
         if not self.train_path:
             _fail("data.train_path", "must be set")
         _check_choice("data.task", self.task, ("math", "mcq", "tooluse"))
+        _check_choice("data.format", self.format, ("copsd", "sciknoweval", "tooluse"))
+        needed = {"sciknoweval": "mcq", "tooluse": "tooluse"}.get(self.format)
+        if needed and self.task != needed:
+            _fail("data.task", f"must be {needed} for data.format={self.format}, got {self.task!r}")
+        if needed and self.train_path.startswith("fixture:"):
+            _fail("data.train_path", f"fixtures are COPSD-format math; data.format={self.format} needs a file")
         _check_positive("data.prompts_per_step", self.prompts_per_step)
         _check_positive("data.max_prompt_tokens", self.max_prompt_tokens)
 
@@ -141,10 +153,12 @@ class RolloutConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "copsd"
-    """copsd (full-vocabulary divergence to the teacher), sampled_kl (sampled-token reverse KL),
+    """copsd (full-vocabulary divergence to the teacher), rosd (reflective, error-localized
+    self-distillation; see the `rosd` section), sampled_kl (sampled-token reverse KL),
     grpo (clipped policy gradient) or sft (next-token cross-entropy on given texts)."""
-    divergence: str = "forward_kl"
-    """COPSD divergence: forward_kl KL(p||q), reverse_kl KL(q||p) or jsd (generalised JSD)."""
+    divergence: str = "auto"
+    """forward_kl KL(p||q), reverse_kl KL(q||p) or jsd (generalised JSD); `auto` resolves to jsd for rosd
+    (the paper's alpha = beta = 0.5) and to forward_kl otherwise."""
     beta: float = 0.5
     """JSD interpolation: M = beta*p + (1-beta)*q."""
     temperature: float = 1.0
@@ -168,10 +182,13 @@ class ObjectiveConfig:
     kl_coef: float = 0.0
     """GRPO: weight of the k3 KL penalty to the reference (the fixed initial model); 0 disables."""
     tis_cap: Optional[float] = None
-    """Truncated importance sampling cap C: per-token weight min(pi_train/pi_rollout, C); None disables."""
+    """Truncated importance sampling cap C (grpo, rosd): per-token weight min(pi_train/pi_rollout, C),
+    detached; None disables."""
 
     def __post_init__(self) -> None:
-        _check_choice("objective.name", self.name, ("copsd", "sampled_kl", "grpo", "sft"))
+        _check_choice("objective.name", self.name, ("copsd", "rosd", "sampled_kl", "grpo", "sft"))
+        if self.divergence == "auto":
+            self.divergence = "jsd" if self.name == "rosd" else "forward_kl"
         _check_choice("objective.divergence", self.divergence, ("forward_kl", "reverse_kl", "jsd"))
         if not 0 <= self.beta <= 1:
             _fail("objective.beta", f"must be in [0, 1], got {self.beta!r}")
@@ -329,6 +346,8 @@ class Config:
     """Sampling of student responses."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """Loss and teacher."""
+    rosd: RosdConfig = field(default_factory=RosdConfig)
+    """ROSD reflections, localization and loss variant (used when objective.name is rosd)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -345,7 +364,7 @@ class Config:
         if self.objective.name == "grpo" and self.rollout.n < 2:
             _fail("rollout.n", "GRPO needs at least 2 samples per prompt (group-normalised advantages)")
         if self.objective.teacher_top_k is not None and self.objective.name != "copsd":
-            _fail("objective.teacher_top_k", "only applies to objective.name=copsd")
+            _fail("objective.teacher_top_k", "only applies to objective.name=copsd (rosd: rosd.loss=topk_tail)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,7 +5,8 @@
 Per example one greedy generation and `num_samples` sampled ones (temperature/top_p from the eval
 config); each is graded and written as a scored-generation record (`eval.metrics.ScoredGeneration`) to
 `<out_dir>/generations.jsonl`; `eval.report.write_report` turns them into Markdown/CSV/PNG, and the
-headline numbers (greedy accuracy, mean@k, format rate) are returned for the metrics log.
+headline numbers (greedy accuracy, mean@k, format rate; accuracy and mean@k also per data domain) are
+returned for the metrics log.
 """
 from __future__ import annotations
 
@@ -49,5 +50,11 @@ def evaluate(engine, prepared, tok, grader, eval_cfg, out_dir, *, step: int, see
     }
     if sampled:
         out["eval/mean_at_k"] = sum(r.correct for r in sampled) / len(sampled)
+    for dom in sorted({r.domain for r in records}):  # per domain, never merged (e.g. SciKnowEval subjects)
+        g = [r for r in greedy if r.domain == dom]
+        out[f"eval/greedy_accuracy/{dom}"] = sum(r.correct for r in g) / max(1, len(g))
+        smp = [r for r in sampled if r.domain == dom]
+        if smp:
+            out[f"eval/mean_at_k/{dom}"] = sum(r.correct for r in smp) / len(smp)
     out["report"] = str(paths.get("markdown", paths.get("md", out_dir)))
     return out

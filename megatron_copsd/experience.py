@@ -28,6 +28,10 @@ class PreparedExample:
     example: Any  # data.loaders.Example
     student_ids: list[int]
     teacher_ids: list[int]
+    user_content: str = ""
+    """The student's user message as rendered (ROSD reuses it as the problem in its prompts)."""
+    system: Optional[str] = None
+    """The student's system message (SciKnowEval: the answer-format instruction), if any."""
 
 
 @dataclass
@@ -50,15 +54,32 @@ def step_seed(seed: int, step: int) -> int:
     return int.from_bytes(h[:7], "little")
 
 
+def _given_prompt(tok, ex):
+    """SciKnowEval / ToolUse: the row's prompt is the user message as given (it carries its own format
+    instruction; the COPSD target-language instruction would ask for \\boxed{}), the row's system prompt if any."""
+    from megatron_copsd.data.prompts import PromptIds
+
+    system = ex.meta.get("system") or None
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ex.problem}]
+    ids = tok.encode_chat(msgs)
+    return PromptIds(ids=ids, text=tok.apply_chat(msgs), prefix_start=len(ids), user_content=ex.problem), system
+
+
 def prepare_examples(examples, tok, *, include_problem_en: bool, include_reference_solution_en: bool,
-                     max_prompt_tokens: int, with_teacher: bool) -> tuple[list[PreparedExample], int]:
+                     max_prompt_tokens: int, with_teacher: bool,
+                     data_format: str = "copsd") -> tuple[list[PreparedExample], int]:
     """Renders student (and COPSD teacher) prompts; drops examples whose prompts exceed the limit.
+    `data_format` "copsd": target-language problem + instruction; otherwise the row's own prompt.
     Returns (prepared, number dropped)."""
     from megatron_copsd.data.prompts import copsd_teacher_prompt, student_prompt
 
     out, dropped = [], 0
     for ex in examples:
-        s = student_prompt(tok, ex.lang, ex.problem).ids
+        if data_format == "copsd":
+            sp, system = student_prompt(tok, ex.lang, ex.problem), None
+        else:
+            sp, system = _given_prompt(tok, ex)
+        s = sp.ids
         t = s
         if with_teacher:
             t = copsd_teacher_prompt(tok, ex.lang, ex.problem, ex.problem_en, ex.solution_en,
@@ -67,7 +88,7 @@ def prepare_examples(examples, tok, *, include_problem_en: bool, include_referen
         if max(len(s), len(t)) > max_prompt_tokens:
             dropped += 1
             continue
-        out.append(PreparedExample(ex, s, t))
+        out.append(PreparedExample(ex, s, t, sp.user_content, system))
     return out, dropped
 
 
@@ -142,20 +163,25 @@ def make_train_items(batch: Sequence[PreparedExample], rollouts: Sequence[Rollou
         p = batch[r.prompt_pos]
         items.append(TrainItem(p.student_ids, p.teacher_ids, r.response_ids, rollout_logprobs=r.logprobs,
                                advantage=a, index=i))
-    num = max(1, len(rollouts))
-    lengths = [len(r.response_ids) for r in rollouts]
-    stats = {
-        "reward": float(rewards.mean()) if len(rollouts) else 0.0,
-        "accuracy": float(rewards.mean()) if len(rollouts) else 0.0,
-        "format_rate": sum(r.formatted for r in rollouts) / num,
-        "response_len": sum(lengths) / num,
-        "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / num,
-        "num_rollouts": len(rollouts),
-    }
+    stats = rollout_stats(rollouts)
     if objective == "grpo":
         groups = rewards.view(-1, n)
         stats["zero_adv_groups"] = int((groups.max(1).values == groups.min(1).values).sum())
     return items, stats
+
+
+def rollout_stats(rollouts: Sequence[Rollout]) -> dict:
+    """Reward / format / length statistics of a step's graded rollouts (every objective logs these)."""
+    num = max(1, len(rollouts))
+    acc = sum(r.correct for r in rollouts) / num
+    return {
+        "reward": acc,
+        "accuracy": acc,
+        "format_rate": sum(r.formatted for r in rollouts) / num,
+        "response_len": sum(len(r.response_ids) for r in rollouts) / num,
+        "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / num,
+        "num_rollouts": len(rollouts),
+    }
 
 
 def sft_items(batch: Sequence[PreparedExample], tok) -> list[TrainItem]:

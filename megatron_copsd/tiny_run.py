@@ -68,6 +68,9 @@ def tokenizer_texts(examples) -> list[str]:
 
     texts = []
     for ex in examples:
+        if not ex.problem_en:  # SciKnowEval / ToolUse style rows: the prompt is used as given
+            texts.append(f"{ex.meta.get('system') or ''}\n{ex.problem}\n{ex.answer or ''}")
+            continue
         lang = get_language(ex.lang)
         texts.append(f"{ex.problem}\n\n{lang.instruction}")
         texts.append(copsd_teacher_user_content(lang, ex.problem, ex.problem_en, ex.solution_en))

@@ -24,9 +24,10 @@ def check_paths(cfg: Config) -> None:
     if not cfg.data.train_path.startswith("fixture:"):
         if not Path(cfg.data.train_path).is_file():
             raise ValueError(f"config field data.train_path: file {cfg.data.train_path!r} does not exist")
-        if not cfg.data.langs:
+        if not cfg.data.langs and cfg.data.format == "copsd":
             raise ValueError("config field data.langs: list the language codes to train on (e.g. [swa])")
-    for lang in (cfg.data.langs or ["swa"]) if cfg.data.eval_path else []:
+    eval_langs = (cfg.data.langs or ["swa"]) if cfg.data.format == "copsd" else ["eng"]
+    for lang in eval_langs if cfg.data.eval_path else []:
         path = cfg.data.eval_path.replace("{lang}", lang)
         if not Path(path).is_file():
             raise ValueError(f"config field data.eval_path: file {path!r} does not exist")

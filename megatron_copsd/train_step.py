@@ -32,7 +32,7 @@ METRIC_KEYS = ("loss", "tokens", "divergence_sum", "clipped_tokens", "kl_sum", "
 class ObjectiveSpec:
     """What the loss functions need, resolved once from the config (no config reads inside passes)."""
 
-    name: str  # copsd | sampled_kl | grpo | sft
+    name: str  # copsd | rosd | sampled_kl | grpo | sft
     divergence: str = "forward_kl"
     beta: float = 0.5
     temperature: float = 1.0
@@ -45,11 +45,13 @@ class ObjectiveSpec:
     tis_cap: Optional[float] = None
     valid_vocab: int = 0
     separate_teacher_weights: bool = True  # fixed / ema teacher: use the teacher's own LM head
+    rosd_loss: str = "full_vocab"  # rosd: full_vocab | topk_tail
+    rosd_top_k: int = 100
 
     @property
     def teacher_output(self) -> Optional[str]:
         """What the teacher pass must produce: hidden states, log-probs, or nothing."""
-        if self.name == "copsd":
+        if self.name in ("copsd", "rosd"):
             return "hidden"
         if self.name == "sampled_kl" or (self.name == "grpo" and self.kl_coef > 0):
             return "logprobs"
@@ -140,6 +142,21 @@ def _student_objective(mb: MicroBatch, h, w, start, valid, spec: ObjectiveSpec, 
             token_clip=spec.token_clip, teacher_top_k=spec.teacher_top_k, tp_group=_tp_group(),
             vocab_start=start, valid_vocab=valid)
         return loss, metrics, None
+    if spec.name == "rosd":
+        lp, iw = None, None
+        if spec.tis_cap is not None and mb.has_rollout_logprobs:
+            from megatron_copsd.rosd.topk_tail import truncated_importance_weight
+
+            with torch.no_grad():  # the weight is detached: pi_train at the sampling temperature vs the engine's
+                lp = _logprobs(h.detach(), w.detach(), mb.targets, temperature=spec.rollout_temperature,
+                               vocab_start=start, valid_vocab=valid)
+            iw = truncated_importance_weight(lp, mb.rollout_logprobs, cap=spec.tis_cap)
+        loss, metrics = obj.rosd_loss(
+            h, mb.teacher_out, w, mb.mask, num_global_tokens, importance_weight=iw, loss=spec.rosd_loss,
+            top_k=spec.rosd_top_k, teacher_weight=teacher_weight, divergence=spec.divergence, beta=spec.beta,
+            temperature=spec.temperature, token_clip=spec.token_clip, tp_group=_tp_group(), vocab_start=start,
+            valid_vocab=valid)
+        return loss, metrics, lp
     if spec.name == "sampled_kl":
         lp = _logprobs(h, w, mb.targets, temperature=spec.temperature, vocab_start=start, valid_vocab=valid)
         loss, metrics = obj.sampled_kl_loss(lp, mb.teacher_out, mb.mask, num_global_tokens)
@@ -168,7 +185,7 @@ def student_pass(model, microbatches: list[MicroBatch], spec: ObjectiveSpec, num
             h = gather_response_hidden(hidden, mb.student)  # [T, H]
             w, start, valid = _head(model, spec.valid_vocab)
             tw = None
-            if teacher_model is not None and spec.separate_teacher_weights and spec.name == "copsd":
+            if teacher_model is not None and spec.separate_teacher_weights and spec.name in ("copsd", "rosd"):
                 tw = _head(teacher_model, spec.valid_vocab)[0].detach()
             loss, metrics, lp = _student_objective(mb, h, w, start, valid, spec, num_global_tokens, tw)
             if mb.has_rollout_logprobs:

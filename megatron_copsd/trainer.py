@@ -70,14 +70,21 @@ class Trainer:
         self.grader = get_grader(cfg.data.task)
         with_teacher = cfg.objective.name in ("copsd", "sampled_kl")
         prep = dict(include_problem_en=cfg.data.include_problem_en, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                    include_reference_solution_en=cfg.data.include_reference_solution_en)
+                    include_reference_solution_en=cfg.data.include_reference_solution_en, data_format=cfg.data.format)
         self.train_set, self.dropped = xp.prepare_examples(train_ex, self.tok, with_teacher=with_teacher, **prep)
         self.eval_set, _ = xp.prepare_examples(eval_ex, self.tok, with_teacher=False, **prep)
         self.sampler = xp.PromptSampler(len(self.train_set), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.rosd = None
+        if cfg.objective.name == "rosd":
+            from megatron_copsd.rosd_step import RosdStep
+
+            self.rosd = RosdStep(cfg.rosd, self.tok, seed=cfg.train.seed)
+            if self.rank == 0:
+                self.rosd.warn_at_startup(train_ex)
 
         dtype = resolve_dtype(cfg, torch.cuda.is_available())
         self.policy = run_setup.build_policy(cfg, self.hf_dir, self.hf_config, dtype)
-        needs_teacher = cfg.objective.name in ("copsd", "sampled_kl") or cfg.objective.kl_coef > 0
+        needs_teacher = cfg.objective.name in ("copsd", "rosd", "sampled_kl") or cfg.objective.kl_coef > 0
         mode = cfg.objective.teacher if needs_teacher else "dynamic"
         if cfg.objective.name == "grpo" and cfg.objective.kl_coef > 0:
             mode = "fixed"  # the KL reference is the initial model
@@ -89,7 +96,8 @@ class Trainer:
             name=o.name, divergence=o.divergence, beta=o.beta, temperature=o.temperature, token_clip=o.token_clip,
             teacher_top_k=o.teacher_top_k, rollout_temperature=cfg.rollout.temperature,
             clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high, kl_coef=o.kl_coef, tis_cap=o.tis_cap,
-            valid_vocab=self.hf_config.vocab_size, separate_teacher_weights=self.teacher.separate_weights)
+            valid_vocab=self.hf_config.vocab_size, separate_teacher_weights=self.teacher.separate_weights,
+            rosd_loss=cfg.rosd.loss, rosd_top_k=cfg.rosd.top_k)
         self.engine = _build_engine(cfg, self.hf_dir, self.hf_config, self.tok, self.out) if self.rank == ROLLOUT_RANK else None
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
         self._preempt = threading.Event()
@@ -117,7 +125,7 @@ class Trainer:
             with t("rollout"):
                 batch, rollouts = self.rollout(step)
             with t("prepare"):
-                items, stats = self.make_items(batch, rollouts)
+                items, stats = self.make_items(step, batch, rollouts)
                 microbatches = self.microbatches(items)
             with t("teacher"):
                 self.score_with_teacher(microbatches)
@@ -154,11 +162,25 @@ class Trainer:
             rollouts = xp.generate_and_grade(self.engine, batch, params, self.grader, self.tok)
         return batch, xp.broadcast_object(rollouts, src=ROLLOUT_RANK)
 
-    def make_items(self, batch, rollouts):
+    def make_items(self, step, batch, rollouts):
         if rollouts is None:
             return xp.sft_items(batch, self.tok), {}
+        if self.rosd is not None:
+            return self.rosd_items(step, batch, rollouts)
         return xp.make_train_items(batch, rollouts, objective=self.cfg.objective.name, n=self.cfg.rollout.n,
                                    std_normalize=self.cfg.objective.std_normalize)
+
+    def rosd_items(self, step, batch, rollouts):
+        """Reflections on the rollout rank (current weights), then the same items and stats on every rank."""
+        out = None
+        if self.rank == ROLLOUT_RANK:
+            t0 = time.perf_counter()
+            items, stats, summary = self.rosd.make_items(self.engine, batch, rollouts, step)
+            out = (items, {**stats, "time/reflect": time.perf_counter() - t0}, summary)
+        items, stats, summary = xp.broadcast_object(out, src=ROLLOUT_RANK)
+        if self.cfg.rosd.log_group_decisions:
+            self.log.message(summary)
+        return items, stats
 
     def microbatches(self, items):
         shard = shard_for_dp(items, self.info.dp_rank, self.info.dp_size)
@@ -340,10 +362,12 @@ def _reduce_metrics(totals: dict, tp_size: int) -> dict:
 def _derived_metrics(m: dict, objective: str) -> dict:
     n = max(m["tokens"], 1.0)
     out = {}
-    if objective in ("copsd", "sampled_kl"):
+    if objective in ("copsd", "rosd", "sampled_kl"):
         out["divergence"] = m["divergence_sum"] / n
-    if objective in ("copsd", "grpo"):
+    if objective in ("copsd", "rosd", "grpo"):
         out["clip_fraction"] = m["clipped_tokens"] / n
+    if objective == "rosd":
+        out["tis_weight_mean"] = m["tis_weight_sum"] / n
     if objective == "grpo":
         out["ratio_mean"] = m["ratio_sum"] / n
         out["kl"] = m["kl_sum"] / n
@@ -359,9 +383,10 @@ def _derived_metrics(m: dict, objective: str) -> dict:
 def _resolve_data_and_model(cfg: Config, out: Path, rank: int):
     """Loads train/eval examples; materialises the fixture and the tiny model on rank 0 when asked for."""
     from megatron_copsd import tiny_run
-    from megatron_copsd.data.loaders import load_copsd_training
 
     langs = list(cfg.data.langs) or ["swa"]
+    if cfg.data.format != "copsd":
+        langs = ["eng"]  # SciKnowEval / ToolUse rows are English; data.langs does not apply
     train_path, eval_path = cfg.data.train_path, cfg.data.eval_path
     if train_path == "fixture:tiny":
         if rank == 0:
@@ -369,14 +394,18 @@ def _resolve_data_and_model(cfg: Config, out: Path, rank: int):
         _barrier()
         train_path = str(out / "data" / "fixture_train.jsonl")
         eval_path = eval_path or str(out / "data" / "fixture_eval.jsonl")
-    train = [ex for lang in langs for ex in load_copsd_training(train_path, lang)]
-    evals = [ex for lang in langs for ex in _load_eval(eval_path, lang)] if eval_path else []
+    train = [ex for lang in langs for ex in _load_examples(train_path, lang, cfg.data.format)]
+    evals = [ex for lang in langs for ex in _load_examples(eval_path, lang, cfg.data.format)] if eval_path else []
     hf_dir = cfg.model.hf_path
     if hf_dir.startswith("tiny:"):
         hf_dir = str(out / "tiny_model")
         if rank == 0:
-            tiny_run.materialize_tiny_model(hf_dir, cfg.model.hf_path.split(":", 1)[1],
-                                            tiny_run.tokenizer_texts(train + evals), seed=cfg.train.seed,
+            texts = tiny_run.tokenizer_texts(train + evals)
+            if cfg.objective.name == "rosd":
+                from megatron_copsd.rosd.prompts import prompt_wording
+
+                texts += prompt_wording() * 4
+            tiny_run.materialize_tiny_model(hf_dir, cfg.model.hf_path.split(":", 1)[1], texts, seed=cfg.train.seed,
                                             **cfg.model.tiny_overrides)
         _barrier()
     return train, evals, hf_dir
@@ -418,11 +447,16 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
                         param_state["step"] = param_state["step"].clone()
 
 
-def _load_eval(path: str, lang: str):
-    """Held-out examples: an AfriMGSM TSV (header with question, answer_number) or a COPSD-format file;
-    `{lang}` in the path is replaced by the language code (AfriMGSM keeps one folder per language)."""
-    from megatron_copsd.data.loaders import load_afrimgsm_tsv, load_copsd_training
+def _load_examples(path: str, lang: str, data_format: str):
+    """Examples of one file in `data.format`: SciKnowEval MCQ (domain from the file name or rows), ToolUse,
+    or COPSD -- for copsd also an AfriMGSM TSV (header with question, answer_number); `{lang}` in the path is
+    replaced by the language code (AfriMGSM keeps one folder per language)."""
+    from megatron_copsd.data.loaders import load_afrimgsm_tsv, load_copsd_training, load_sciknoweval, load_tooluse
 
+    if data_format == "sciknoweval":
+        return load_sciknoweval(path)
+    if data_format == "tooluse":
+        return load_tooluse(path)
     path = path.replace("{lang}", lang)
     if path.endswith(".tsv"):
         return load_afrimgsm_tsv(path, lang)

@@ -6,8 +6,9 @@ Losses are already divided by the global valid-token count the caller passes; me
 from .copsd import copsd_loss
 from .divergence import token_divergence, topk_divergence
 from .grpo import group_advantages, grpo_loss
+from .rosd import rosd_loss
 from .sampled_kl import sampled_kl_loss
 from .sft import sft_loss
 
 __all__ = ["copsd_loss", "token_divergence", "topk_divergence", "group_advantages", "grpo_loss",
-           "sampled_kl_loss", "sft_loss"]
+           "rosd_loss", "sampled_kl_loss", "sft_loss"]

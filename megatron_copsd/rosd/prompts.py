@@ -225,3 +225,12 @@ def teacher_prompt(tok, problem: str, *, explanation: str | None = None, fallbac
     body = "explanation" if explanation is not None else "solution"
     return _build(tok, _teacher_messages, fields, [(body,), ("problem", body)], max_prompt_tokens,
                   enable_thinking=enable_thinking, assistant_prefix=assistant_prefix, what="teacher_prompt")
+
+
+def prompt_wording() -> list[str]:
+    """The fixed wording of every ROSD prompt (no problem / solution filled in), e.g. for the corpus of a
+    tiny test tokenizer, so that the instructions are not out-of-vocabulary."""
+    f = {"problem": "", "solution": "", "response": "", "gold_answer": "", "explanation": "", "system_prompt": None}
+    renders = [_failed_messages(f), _success_messages(f), _teacher_messages(f),
+               _teacher_messages({**f, "explanation": None}), [{"content": TRUNCATION_MARKER}]]
+    return [m["content"] for msgs in renders for m in msgs]
