@@ -179,3 +179,28 @@ def test_rosd_scripted_reflections_mask_from_quote(tmp_path):
             assert 0 < r["rosd/localized_distilled_fraction"] < 1
         if r["rosd/rollouts_distilled"] > 0:
             assert float(r["loss"]) > 0
+
+
+def test_rosd_math_fixture_all_wrong_groups_use_reference_solution(tmp_path, capsys):
+    """COPSD-format math data (with reference solutions) and the REAL grader: the random model is always
+    wrong, so every group is all-wrong; on_all_wrong=reference_solution reflects on them anyway."""
+    from megatron_copsd.megatron.dist import destroy_distributed
+    from megatron_copsd.testing.multiproc import free_port
+    from megatron_copsd.trainer import Trainer
+
+    cfg = tiny_cfg(tmp_path, "math", ["data.format=copsd", "data.task=math", "data.train_path=fixture:tiny",
+                                      "data.eval_path=none", "data.langs=[swa]", "data.prompts_per_step=2",
+                                      "rollout.n=2", "train.steps=1", "eval.every=-1",
+                                      "rosd.on_all_wrong=reference_solution", "objective.tis_cap=none"])
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    torch.set_num_threads(1)
+    try:
+        Trainer(cfg).run()
+    finally:
+        destroy_distributed()
+    (r,) = [x for x in read_metrics(tmp_path / "math" / "metrics.jsonl") if not x.get("eval")]
+    assert r["accuracy"] == 0.0 and r["rosd/groups_all_wrong"] == 2 and "rosd/groups_skipped_all_wrong" not in r
+    assert r["rosd/failed_reflections"] == 4 and r["rosd/rollouts_distilled"] > 0 and float(r["loss"]) > 0
+    assert "tis_weight_mean" in r and r["tis_weight_mean"] == 1.0  # tis_cap=none: unweighted
+    assert "all-wrong 2" in capsys.readouterr().out
