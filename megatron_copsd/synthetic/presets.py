@@ -42,6 +42,8 @@ class Mode:
     methods: tuple[str, ...] = METHODS
     extra_overrides: dict = field(default_factory=dict)
     """Dotted trainer-config overrides applied to every method (e.g. micro_batch_tokens)."""
+    cpu_threads: int = 1
+    """torch intra-op threads of the benchmark process and of every trainer run (`train.cpu_threads`)."""
 
 
 EASY = GeneratorConfig(min_steps=1, max_steps=2, max_value=9, max_result=20)

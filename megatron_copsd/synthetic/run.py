@@ -12,9 +12,12 @@ megatron_copsd.eval.report, and `<out>/summary.md` with the side-by-side table a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import resource
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +40,7 @@ def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir:
                     "temperature": t.temperature, "top_p": 1.0, "top_k": -1, "max_batch_size": 64},
         "objective": {"name": method, "divergence": t.divergence, "teacher": t.teacher},
         "optim": {"lr": t.lr, "clip_grad": t.clip_grad, "weight_decay": 0.0, "decay_style": "constant"},
-        "train": {"steps": t.steps, "seed": seed, "output_dir": str(run_dir)},
+        "train": {"steps": t.steps, "seed": seed, "output_dir": str(run_dir), "cpu_threads": mode.cpu_threads},
         "checkpoint": {"save_every": 0, "resume": "none", "export_hf": True},
         "eval": {"every": -1},
         "logging": {"tensorboard": False, "progress_bar": False},
@@ -51,6 +54,20 @@ def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir:
     return cfg
 
 
+def free_port() -> int:
+    """A TCP port free right now: the single-process gloo group of each Megatron run needs one, and the
+    default (29500) collides with any other run on the machine (another benchmark, a test)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of the finished child processes (the trainer runs)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_trainer(cfg: dict, run_dir: Path, log) -> Path:
     """Runs the trainer in a fresh process (clean Megatron state); returns its exported HF folder."""
     import yaml
@@ -60,7 +77,8 @@ def run_trainer(cfg: dict, run_dir: Path, log) -> Path:
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "megatron_copsd.synthetic.train_entry", "--config", str(cfg_path)]
     with open(run_dir / "train.log", "w") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"trainer failed (exit {proc.returncode}); log {run_dir / 'train.log'}:\n{tail}")
@@ -133,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve() if args.cache else out.parent / ".synth-cache"
     summary = bench(mode, out, cache, skip_train=args.skip_train)
-    print(f"\n[synth-bench] done in {summary['timings']['total']:.0f}s")
+    print(f"\n[synth-bench] done in {summary['timings']['total']:.0f}s wall, "
+          f"{summary['cpu_seconds']['total']:.0f} CPU-s (load average {_load_average()})")
     for k, v in summary["files"].items():
         print(f"  {k}: {v}")
     return 0
@@ -150,31 +169,39 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
     from megatron_copsd.synthetic.summary import write_summary
 
     log = log or (lambda s: print(s, flush=True))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    t_start = time.time()
+    # One intra-op thread (mode.cpu_threads): the models are tiny, so extra threads mostly spin; on a
+    # busy 2-core machine 2 threads cost ~4x the CPU time of 1 per pretraining step (measured).
+    torch.set_num_threads(mode.cpu_threads)
+    t_start, c_start = time.time(), time.process_time() + children_cpu_seconds()
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     log(f"[synth-bench] mode {mode.name}: seeds {list(mode.seeds)}, methods {list(mode.methods)}, out {out}")
 
-    t = time.time()
-    base_root = build_base_model(mode.base, cache, log=log)
-    timings["base model (data, tokenizer, pretraining)"] = time.time() - t
+    @contextlib.contextmanager
+    def stage(name):
+        t, c = time.time(), time.process_time() + children_cpu_seconds()
+        yield
+        timings[name] = time.time() - t
+        cpu[name] = time.process_time() + children_cpu_seconds() - c
+
+    with stage("base model (data, tokenizer, pretraining)"), _master_port():
+        base_root = build_base_model(mode.base, cache, log=log)
     examples = [json.loads(line) for line in (base_root / "data" / "eval.jsonl").read_text().splitlines()]
+    targets = [e for e in examples if e["lang"] in TARGET_LANGS]
 
     def evaluate(hf_dir, label):
-        t = time.time()
-        recs = evaluate_checkpoint(hf_dir, examples, label=label, settings=mode.eval, log=log)
-        timings[f"eval {label}"] = time.time() - t
+        with stage(f"eval {label}"):
+            recs = evaluate_checkpoint(hf_dir, examples, label=label, settings=mode.eval, log=log)
         accs = ", ".join(f"{lang} {greedy_accuracy(recs, lang):.3f}" for lang in ("eng", *TARGET_LANGS))
         log(f"[eval] {label}: greedy accuracy {accs}")
         return recs
 
     records = evaluate(base_root / "hf", "base")
     # Diagnostic: the base model as COPSD teacher (greedy, privileged English context) on target languages.
-    t = time.time()
-    teacher_recs = evaluate_checkpoint(base_root / "hf", [e for e in examples if e["lang"] in TARGET_LANGS],
-                                       label="teacher(base)", settings=dataclasses.replace(mode.eval, num_samples=0),
-                                       teacher_prompt=True, log=log)
-    timings["eval teacher(base)"] = time.time() - t
+    with stage("eval teacher(base)"):
+        teacher_recs = evaluate_checkpoint(base_root / "hf", targets, label="teacher(base)",
+                                           settings=dataclasses.replace(mode.eval, num_samples=0),
+                                           teacher_prompt=True, log=log)
     teacher_acc = {lang: greedy_accuracy(teacher_recs, lang) for lang in TARGET_LANGS}
     log(f"[eval] teacher(base) with privileged English context: greedy accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in teacher_acc.items()))
@@ -186,9 +213,8 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
                 run_dir = out / "runs" / label
                 log(f"[train] {label}: {mode.train.steps} steps x {mode.train.prompts_per_step} prompts x "
                     f"{mode.train.n} rollouts ({run_dir / 'train.log'})")
-                t = time.time()
-                hf = run_trainer(trainer_config(mode, method, seed, base_root, run_dir), run_dir, log)
-                timings[f"train {label}"] = time.time() - t
+                with stage(f"train {label}"):
+                    hf = run_trainer(trainer_config(mode, method, seed, base_root, run_dir), run_dir, log)
                 checkpoints[label] = str(hf)
                 records += evaluate(hf, label)
 
@@ -197,17 +223,41 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
                                                          title=f"Synthetic benchmark ({mode.name}): per-model metrics").items()}
     rows = compute_metrics(records)
     timings["total"] = time.time() - t_start
+    cpu["total"] = time.process_time() + children_cpu_seconds() - c_start
     t = mode.train
     info = {"mode": mode.name, "seeds": list(mode.seeds), "methods": list(mode.methods),
             "budget": f"{t.steps} steps x {t.prompts_per_step} prompts x {t.n} rollouts, <= {t.max_new_tokens} new tokens",
-            "base_model": str(base_root), "checkpoints": checkpoints, "timings": timings,
+            "base_model": str(base_root), "checkpoints": checkpoints, "timings": timings, "cpu_seconds": cpu,
+            "load_average": _load_average(),
             "teacher_greedy_accuracy": teacher_acc}
     files = {"summary": str(out / "summary.md"), "metrics": report_files.get("csv", ""),
              "report": report_files.get("markdown", ""), "scored generations": str(out / "scored_generations.jsonl"),
              "base checkpoint": str(base_root / "hf")}
     files.update({f"checkpoint {k}": v for k, v in checkpoints.items() if k != "base"})
     write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files)
-    return {"timings": timings, "files": files, "rows": rows}
+    return {"timings": timings, "cpu_seconds": cpu, "files": files, "rows": rows}
+
+
+@contextlib.contextmanager
+def _master_port():
+    """Points the in-process (pretraining) gloo group at a free port unless MASTER_PORT is set."""
+    if "MASTER_PORT" in os.environ:
+        yield
+        return
+    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    try:
+        yield
+    finally:
+        os.environ.pop("MASTER_PORT", None)
+
+
+def _load_average() -> str:
+    """1/5/15-minute load averages at the end of the run: timings mean little on a busy machine."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

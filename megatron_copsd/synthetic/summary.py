@@ -87,7 +87,11 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
         for lang in langs:
             md.append(f"| {lang} | " + " | ".join(_cell(agg.get((m, lang), {}).get(metric)) for m in methods) + " |")
         md.append("")
-    md += ["## Timing", ""] + [f"- {k}: {v:.0f} s" for k, v in info.get("timings", {}).items()] + [""]
+    cpu = info.get("cpu_seconds", {})
+    md += ["## Timing", "", f"Wall seconds (CPU seconds of this process and its trainer runs); load average at the end "
+           f"(1/5/15 min): {info.get('load_average', 'unknown')}. Other processes on the machine inflate wall time.", ""]
+    md += [f"- {k}: {v:.0f} s" + (f" ({cpu[k]:.0f} CPU-s)" if k in cpu else "")
+           for k, v in info.get("timings", {}).items()] + [""]
     md += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in report_files.items()] + [""]
     path = out_dir / "summary.md"
     tmp = path.with_suffix(".md.tmp")
