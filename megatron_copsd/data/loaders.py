@@ -74,7 +74,7 @@ def _text(row: dict, fld: str, file, rown, *, optional: bool = False) -> str | N
     return v
 
 
-def _iter_json_records(path: Path) -> Iterator[tuple[int, dict]]:
+def iter_json_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(row number, object) from a JSON list or JSON Lines file."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -133,7 +133,7 @@ def load_copsd_training(path, lang: str, *, require_ok: bool = True) -> list[Exa
     path = Path(path)
     canon = get_language(lang).code
     out, skipped = [], 0
-    for rown, row in _iter_json_records(path):
+    for rown, row in iter_json_records(path):
         key = _lang_field(row, lang)
         ok = row.get(f"{key}_ok")
         if ok is not None and not isinstance(ok, bool):
@@ -240,7 +240,7 @@ def load_gsm8k(path) -> list[Example]:
     without the `<<calc>>` notes and without the `#### n` line (raw text in `meta["raw_answer"]`)."""
     path = Path(path)
     out = []
-    for rown, row in _iter_json_records(path):
+    for rown, row in iter_json_records(path):
         q = _text(row, "question", path, rown)
         a = _text(row, "answer", path, rown)
         head, sep, tail = a.rpartition("####")
@@ -257,7 +257,7 @@ def load_aime(path) -> list[Example]:
     """AIME JSONL with `problem` (or `question`) and `answer` (zero-padded integer strings kept as written)."""
     path = Path(path)
     out = []
-    for rown, row in _iter_json_records(path):
+    for rown, row in iter_json_records(path):
         key = "problem" if "problem" in row else "question"
         p = _text(row, key, path, rown)
         a = row.get("answer")
@@ -282,7 +282,7 @@ def load_sciknoweval(path, domain: str | None = None) -> list[Example]:
         m = _SKE_NAME.search(path.name.lower())
         domain = m.group(1) if m else None
     out = []
-    for rown, row in _iter_json_records(path):
+    for rown, row in iter_json_records(path):
         p = _text(row, "prompt", path, rown)
         a = _text(row, "answer", path, rown).strip()
         if not re.fullmatch(r"[A-Z]", a):
@@ -327,7 +327,7 @@ def load_tooluse(path) -> list[Example]:
     of `{"Action", "Action_Input"}` (validated here; kept as the JSON string)."""
     path = Path(path)
     out = []
-    for rown, row in _iter_json_records(path):
+    for rown, row in iter_json_records(path):
         p = _text(row, "prompt", path, rown)
         a = row.get("answer")
         if a is None:

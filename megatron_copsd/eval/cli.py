@@ -35,22 +35,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def score_file(path, task: str):
     """Raw generation records (see the module docstring) -> scored-generation records."""
-    import json
     from pathlib import Path
 
     from megatron_copsd.data.graders import get_grader
+    from megatron_copsd.data.loaders import iter_json_records
     from megatron_copsd.eval.metrics import record_from_dict
 
     grader = get_grader(task)
     out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, i, None, f"invalid JSON: {e.msg}") from None
-        if not isinstance(obj, dict) or obj.get("answer") is None:
+    for i, obj in iter_json_records(Path(path)):
+        if obj.get("answer") is None:
             raise DataError(path, i, "answer", "missing gold answer")
         if not isinstance(obj.get("response"), str):
             raise DataError(path, i, "response", "expected a string")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from megatron_copsd.data.graders import normalize_number
-from megatron_copsd.data.loaders import DataError
+from megatron_copsd.data.loaders import DataError, iter_json_records
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,7 @@ def read_scored_generations(path) -> list[ScoredGeneration]:
     """Reads and validates a scored-generation JSONL file (duplicates of a sample are an error)."""
     path = Path(path)
     out, seen = [], {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, i, None, f"invalid JSON: {e.msg}") from None
+    for i, obj in iter_json_records(path):
         r = record_from_dict(obj, path, i)
         key = (r.model, r.domain, r.lang, r.problem_id, r.greedy, r.sample_idx)
         if key in seen:
