@@ -214,6 +214,21 @@ def _write_outputs(rows, out_dir, device):
     return path
 
 
+def _ratios(row, rows) -> str:
+    """'vs naive' and 'vs liger_compile' (the best public CPU peer) factors for the same shape, when run:
+    >1 means `row` is that many times faster (wall; CPU seconds in brackets) / smaller in peak memory."""
+    out = []
+    for other in ("naive", "liger_compile"):
+        b = next((r for r in rows if r["impl"] == other and (r["T"], r["H"], r["V"]) ==
+                  (row["T"], row["H"], row["V"])), None)
+        if b is None or b is row:
+            continue
+        cpu = f" ({b['cpu_s'] / row['cpu_s']:.2f}x CPU-s)" if "cpu_s" in row and "cpu_s" in b else ""
+        out.append(f"vs {other}: {b['fwd_bwd_s'] / row['fwd_bwd_s']:.2f}x faster{cpu}, "
+                   f"{b['peak_mem_gb'] / max(row['peak_mem_gb'], 1e-9):.1f}x less memory")
+    return ("  " + "; ".join(out)) if out else ""
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="copsd bench-kernels", description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto")
@@ -258,14 +273,10 @@ def main(argv=None) -> int:
         print("[bench] no case ran", file=sys.stderr)
         return 1
     path = _write_outputs(rows, args.out_dir, rows[0]["device"])
-    base = {(r["T"], r["H"], r["V"]): r for r in rows if r["impl"] == "naive"}
     for r in rows:
-        b = base.get((r["T"], r["H"], r["V"]))
-        ratio = "" if b is None else (f"  time x{r['fwd_bwd_s'] / b['fwd_bwd_s']:.2f}, "
-                                      f"memory x{r['peak_mem_gb'] / max(b['peak_mem_gb'], 1e-9):.3f} of naive")
         cpu = f" ({r['cpu_s']:.2f} CPU-s)" if "cpu_s" in r else ""
         print(f"{r['impl']:14s} T={r['T']} H={r['H']} V={r['V']}: {r['fwd_bwd_s']:.3f} s{cpu}, "
-              f"+{r['peak_mem_gb']:.3f} GB{ratio}")
+              f"+{r['peak_mem_gb']:.3f} GB{_ratios(r, rows)}")
     print(f"wrote {path}")
     return 0
 

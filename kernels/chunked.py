@@ -5,10 +5,10 @@ vocabulary shard per chunk, so a chunk's [T_c, V_local] fp32 logits are the larg
 so that one such buffer holds about `CHUNK_ELEMENTS` numbers):
 
 Divergence, forward (gradients are computed here; backward only scales them by grad_output):
-  per chunk: a = h_s W^T / tau, b = h_t W_t^T / tau            (2 GEMMs, fp32)
+  per chunk: a = h_s W^T / tau, b = h_t W_t^T / tau            (2 GEMMs, fp32; 1 when W_t is W)
              local (logsumexp a, logsumexp b, E)               (E = E_p[b-a] or E_q[a-b] on the shard)
              all_gather [TP, T_c, 3] -> fixed-order combine    (collective 1)
-             JSD only: local (sum p log p, q log q, M log M, q log M) -> all_reduce SUM [T_c, 4] (collective 2)
+             JSD only: local (sum p log(p/M), sum q log(q/M)) -> all_reduce SUM [T_c, 2]       (collective 2)
              dZ = coef_t * dDiv/da  (coef = loss_weight * not_clipped / tau)
              dH_s[chunk] = dZ W,  dW += dZ^T H_s               (2 GEMMs, fp32 accumulation)
   end:       all_reduce SUM of dH_s over the TP group (the caller gets the full student gradient)
