@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import tp
 from .triton_common import GRAD_CONFIGS, STATS_CONFIGS, autotuned, launch, logits_tile
-from .types import DivergenceResult, local_valid
+from .types import DivergenceResult, GradInForwardDivergence, divergence_opts
 
 KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 CHUNK_TOKENS = 4096  # dZ chunk: 4096 x V_local in bf16; >= 2048 keeps the dW GEMM compute-bound
@@ -198,36 +198,14 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
     return div, dhs, dw
 
 
-class _TritonDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hs, ht, w, tw, loss_weight, opts):
-        per_token, dhs, dw = _divergence_fwd_bwd(hs, ht, w, tw, loss_weight=loss_weight,
-                                                 need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[2],
-                                                 **opts)
-        clipped = per_token if opts["clip"] is None else per_token.clamp(max=opts["clip"])
-        loss = clipped.sum() if loss_weight is None else (clipped * loss_weight.float()).sum()
-        ctx.save_for_backward(dhs, dw)
-        ctx.dtypes = (hs.dtype, w.dtype)
-        ctx.mark_non_differentiable(per_token)
-        return loss, per_token
-
-    @staticmethod
-    def backward(ctx, g_loss, _g_per_token):
-        dhs, dw = ctx.saved_tensors
-        ghs = None if dhs is None else (dhs * g_loss).to(ctx.dtypes[0])
-        gw = None if dw is None else (dw * g_loss).to(ctx.dtypes[1])
-        return ghs, None, gw, None, None, None
-
-
 def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None, kind, beta,
                             temperature, token_clip, loss_weight, tp_group, vocab_start, valid_vocab,
                             chunk_size=None) -> DivergenceResult:
     """Triton implementation; `kind` is the resolved divergence (see types.resolve_divergence)."""
     tw = weight.detach() if teacher_weight is None else teacher_weight.detach().to(weight.dtype)
-    opts = dict(kind=kind, beta=float(beta), tau=float(temperature),
-                clip=None if token_clip is None else float(token_clip), group=tp_group,
-                nv=local_valid(weight.shape[0], vocab_start, valid_vocab), chunk_size=chunk_size)
+    opts = divergence_opts(weight, kind=kind, beta=beta, temperature=temperature, token_clip=token_clip,
+                           tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size)
     lw = None if loss_weight is None else loss_weight.detach()
-    loss, per_token = _TritonDivergence.apply(student_hidden, teacher_hidden.detach().to(student_hidden.dtype),
-                                              weight, tw, lw, opts)
+    loss, per_token = GradInForwardDivergence.apply(student_hidden, teacher_hidden.detach().to(student_hidden.dtype),
+                                              weight, tw, lw, _divergence_fwd_bwd, opts)
     return DivergenceResult(loss, per_token)

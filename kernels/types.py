@@ -79,3 +79,35 @@ def check_logprob_inputs(hidden, weight, target_ids, temperature) -> None:
         raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def divergence_opts(weight, *, kind, beta, temperature, token_clip, tp_group, vocab_start, valid_vocab,
+                    chunk_size) -> dict:
+    """The keyword options every `_divergence_fwd_bwd` implementation takes."""
+    return dict(kind=kind, beta=float(beta), tau=float(temperature),
+                clip=None if token_clip is None else float(token_clip), group=tp_group,
+                nv=local_valid(weight.shape[0], vocab_start, valid_vocab), chunk_size=chunk_size)
+
+
+class GradInForwardDivergence(torch.autograd.Function):
+    """The divergence is a terminal loss, so its gradients are computed during the forward by
+    `fwd_bwd(hs, ht, w, tw, loss_weight=, need_dh=, need_dw=, **opts) -> (per_token, dhs, dw)` (the chunked
+    or the Triton implementation) and backward only scales them by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, hs, ht, w, tw, loss_weight, fwd_bwd, opts):
+        per_token, dhs, dw = fwd_bwd(hs, ht, w, tw, loss_weight=loss_weight, need_dh=ctx.needs_input_grad[0],
+                                     need_dw=ctx.needs_input_grad[2], **opts)
+        clipped = per_token if opts["clip"] is None else per_token.clamp(max=opts["clip"])
+        loss = clipped.sum() if loss_weight is None else (clipped * loss_weight.float()).sum()
+        ctx.save_for_backward(dhs, dw)
+        ctx.dtypes = (hs.dtype, w.dtype)
+        ctx.mark_non_differentiable(per_token)
+        return loss, per_token
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_per_token):
+        dhs, dw = ctx.saved_tensors
+        ghs = None if dhs is None else (dhs * g_loss).to(ctx.dtypes[0])
+        gw = None if dw is None else (dw * g_loss).to(ctx.dtypes[1])
+        return ghs, None, gw, None, None, None, None
