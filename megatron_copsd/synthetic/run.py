@@ -12,6 +12,7 @@ megatron_copsd.eval.report, and `<out>/summary.md` with the side-by-side table a
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -68,8 +69,9 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_trainer(cfg: dict, run_dir: Path, log) -> Path:
-    """Runs the trainer in a fresh process (clean Megatron state); returns its exported HF folder."""
+def run_trainer(cfg: dict, run_dir: Path, log) -> tuple[Path, float]:
+    """Runs the trainer in a fresh process (clean Megatron state); returns its exported HF folder and the
+    CPU seconds the process used."""
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,14 +80,16 @@ def run_trainer(cfg: dict, run_dir: Path, log) -> Path:
     cmd = [sys.executable, "-m", "megatron_copsd.synthetic.train_entry", "--config", str(cfg_path)]
     with open(run_dir / "train.log", "w") as logf:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own CPU time, even with runs in parallel
+        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"trainer failed (exit {proc.returncode}); log {run_dir / 'train.log'}:\n{tail}")
     hf = run_dir / "hf"
     if not (hf / "config.json").is_file():
         raise RuntimeError(f"trainer finished but wrote no HF checkpoint at {hf}")
-    return hf
+    return hf, usage.ru_utime + usage.ru_stime
 
 
 def mode_from_config(path: str | None, mode_name: str | None) -> Mode:
@@ -135,6 +139,7 @@ def parse_args(argv):
     p.add_argument("--cache", default=None, help="base-model cache folder (default: <out>/../.synth-cache)")
     p.add_argument("--train-steps", type=int, default=None, help="override the mode's trainer steps")
     p.add_argument("--skip-train", action="store_true", help="only build and evaluate the base model")
+    p.add_argument("--jobs", type=int, default=None, help="trainer runs at once (default: min(2, CPU count))")
     return p.parse_args(argv)
 
 
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve() if args.cache else out.parent / ".synth-cache"
-    summary = bench(mode, out, cache, skip_train=args.skip_train)
+    summary = bench(mode, out, cache, skip_train=args.skip_train, jobs=args.jobs)
     print(f"\n[synth-bench] done in {summary['timings']['total']:.0f}s wall, "
           f"{summary['cpu_seconds']['total']:.0f} CPU-s (load average {_load_average()})")
     for k, v in summary["files"].items():
@@ -158,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=None) -> dict:
-    """Runs the whole benchmark for `mode` into `out`; returns {timings, files, rows}."""
+def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=None, jobs: int | None = None) -> dict:
+    """Runs the whole benchmark for `mode` into `out`; returns {timings, cpu_seconds, files, rows}.
+    `jobs`: trainer runs (each followed by its eval) at once; default min(2, CPU count)."""
+    jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     import torch
 
     from megatron_copsd.eval.metrics import compute_metrics, write_scored_generations
@@ -207,16 +214,30 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
         + ", ".join(f"{k} {v:.3f}" for k, v in teacher_acc.items()))
     checkpoints = {"base": str(base_root / "hf")}
     if not skip_train:
-        for seed in mode.seeds:
-            for method in mode.methods:
-                label = f"{method}-s{seed}"
-                run_dir = out / "runs" / label
-                log(f"[train] {label}: {mode.train.steps} steps x {mode.train.prompts_per_step} prompts x "
-                    f"{mode.train.n} rollouts ({run_dir / 'train.log'})")
-                with stage(f"train {label}"):
-                    hf = run_trainer(trainer_config(mode, method, seed, base_root, run_dir), run_dir, log)
-                checkpoints[label] = str(hf)
-                records += evaluate(hf, label)
+        runs = [(seed, method) for seed in mode.seeds for method in mode.methods]
+
+        def train_and_eval(seed_method):
+            seed, method = seed_method
+            label = f"{method}-s{seed}"
+            run_dir = out / "runs" / label
+            log(f"[train] {label}: {mode.train.steps} steps x {mode.train.prompts_per_step} prompts x "
+                f"{mode.train.n} rollouts ({run_dir / 'train.log'})")
+            t = time.time()
+            hf, child_cpu = run_trainer(trainer_config(mode, method, seed, base_root, run_dir), run_dir, log)
+            timings[f"train {label}"], cpu[f"train {label}"] = time.time() - t, child_cpu
+            t, c = time.time(), time.thread_time()
+            recs = evaluate_checkpoint(hf, examples, label=label, settings=mode.eval, log=log)
+            timings[f"eval {label}"], cpu[f"eval {label}"] = time.time() - t, time.thread_time() - c
+            log(f"[eval] {label}: greedy accuracy "
+                + ", ".join(f"{lang} {greedy_accuracy(recs, lang):.3f}" for lang in ("eng", *TARGET_LANGS)))
+            return label, str(hf), recs
+
+        # Runs are independent processes (train) + a single-threaded eval: `jobs` of them at once use
+        # the machine's cores (2 on the reference machine) instead of one.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for label, hf, recs in pool.map(train_and_eval, runs):  # in submission order: stable records
+                checkpoints[label] = hf
+                records += recs
 
     write_scored_generations(records, out / "scored_generations.jsonl")
     report_files = {k: str(v) for k, v in write_report(records, out / "report",
