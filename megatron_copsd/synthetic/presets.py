@@ -25,8 +25,10 @@ class TrainSettings:
     n: int = 4
     """Rollouts per prompt (GRPO needs groups; COPSD/sampled-KL see the same number of samples)."""
     max_new_tokens: int = 64
-    temperature: float = 1.0
-    lr: float = 3e-4
+    temperature: float = 0.7
+    """Rollout temperature. At 1.0 the tiny base's samples were right ~0.2 of the time (greedy ~0.45) and
+    every method lost target-language accuracy at lr 3e-4 (measured, quick seed 0)."""
+    lr: float = 1e-4
     clip_grad: float = 1.0
     divergence: str = "forward_kl"
     teacher: str = "fixed"
