@@ -140,6 +140,8 @@ def parse_args(argv):
     p.add_argument("--train-steps", type=int, default=None, help="override the mode's trainer steps")
     p.add_argument("--skip-train", action="store_true", help="only build and evaluate the base model")
     p.add_argument("--jobs", type=int, default=None, help="trainer runs at once (default: min(2, CPU count))")
+    p.add_argument("--summary-only", action="store_true",
+                   help="re-render <out>/summary.md from <out>/scored_generations.jsonl and summary.json (no runs)")
     return p.parse_args(argv)
 
 
@@ -153,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_steps:
         mode = dataclasses.replace(mode, train=dataclasses.replace(mode.train, steps=args.train_steps))
     out = Path(args.out).resolve()
+    if args.summary_only:
+        path = resummarize(out)
+        print(f"[synth-bench] rewrote {path}")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve() if args.cache else out.parent / ".synth-cache"
     summary = bench(mode, out, cache, skip_train=args.skip_train, jobs=args.jobs)
@@ -257,6 +263,21 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
     files.update({f"checkpoint {k}": v for k, v in checkpoints.items() if k != "base"})
     write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files)
     return {"timings": timings, "cpu_seconds": cpu, "files": files, "rows": rows}
+
+
+def resummarize(out: Path) -> Path:
+    """Re-renders the summary of a finished run from its scored generations and recorded info."""
+    from megatron_copsd.eval.metrics import compute_metrics, read_scored_generations
+    from megatron_copsd.synthetic.summary import write_summary
+
+    for name in ("scored_generations.jsonl", "summary.json"):
+        if not (out / name).is_file():
+            raise ValueError(f"--summary-only: {out / name} does not exist (run the benchmark first)")
+    rows = compute_metrics(read_scored_generations(out / "scored_generations.jsonl"))
+    info = json.loads((out / "summary.json").read_text())["info"]
+    files = {"summary": str(out / "summary.md"), "report": str(out / "report" / "report.md"),
+             "scored generations": str(out / "scored_generations.jsonl")}
+    return write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files)
 
 
 @contextlib.contextmanager
