@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from megatron_copsd.synthetic.corpus import CorpusSpec
 from megatron_copsd.synthetic.evaluate import EvalSettings
 from megatron_copsd.synthetic.generator import GeneratorConfig
-from megatron_copsd.synthetic.pretrain import BaseModelSpec
+from megatron_copsd.synthetic.pretrain import BaseModelSpec, TinyModelSpec
 
 METHODS = ("copsd", "grpo", "sampled_kl")
 
@@ -78,16 +78,20 @@ FULL = Mode(
     seeds=(0, 1, 2),
 )
 
-# The e2e test (< ~2.5 min on 2 free cores, base model included): a smaller base model with the same
-# teacher-heavy mix and a short COPSD run with a higher learning rate.
+# The e2e test (~2.5 min on 2 free cores, base model included): a smaller 2-layer base model with the
+# same teacher-heavy mix, and a short COPSD run. Measured (seed 0, 1 thread): base English 0.44, target
+# 0.23/0.17 as student, 0.31/0.40 with the teacher prompt; COPSD 10 steps -> target 0.29/0.25 (mean +0.073,
+# 7 of 96 problems); 166 CPU-s in all, 130 of them pretraining. (A 64-wide 2-layer base with 300 steps was
+# better in English, 0.69, but COPSD moved its target accuracy by one problem only.)
 SMOKE = Mode(
     name="smoke",
     base=BaseModelSpec(
         corpus=CorpusSpec(gen=EASY, num_english=500, num_parallel=250, num_translation=60, num_target=10,
                           num_rl=64, num_eval=48),
-        steps=120, batch_size=24, lr=5e-3, min_lr=5e-4, warmup_steps=15,
+        model=TinyModelSpec(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2),
+        steps=200, batch_size=24, lr=5e-3, min_lr=5e-4, warmup_steps=15,
     ),
-    train=TrainSettings(steps=8, lr=1e-3),
+    train=TrainSettings(steps=10, lr=3e-4),
     eval=EvalSettings(num_samples=2),
     seeds=(0,),
     methods=("copsd",),
