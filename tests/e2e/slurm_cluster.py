@@ -77,6 +77,10 @@ def _mem_mb() -> int:
     raise RuntimeError("MemTotal not found in /proc/meminfo")
 
 
+_RENDEZVOUS_VARS = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                    "GROUP_RANK", "TORCHELASTIC_RUN_ID"}
+
+
 class SlurmCluster:
     """Daemons and client helpers of a one-node cluster rooted at `root` (a temp dir)."""
 
@@ -91,7 +95,8 @@ class SlurmCluster:
         self.munge_socket = root / "munge" / "run" / "munge.socket"
         # Clients find this cluster through SLURM_CONF; an enclosing job's SLURM_* (if pytest itself runs
         # under Slurm) would leak into sbatch/srun and must not.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        # Jobs derive their own rendezvous from Slurm: never hand them a caller's torchrun/Slurm variables.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _RENDEZVOUS_VARS}
         self.env["SLURM_CONF"] = str(self.conf)
 
     # ---- setup -------------------------------------------------------------------------------
