@@ -103,7 +103,7 @@ def run(cfg, *, scripted=False, capture=None):
     from megatron_copsd.testing.multiproc import free_port
     from megatron_copsd.trainer import Trainer
 
-    _rendezvous_env(free_port())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # restored by conftest
     torch.set_num_threads(1)
     try:
         trainer = Trainer(cfg)
@@ -191,7 +191,7 @@ def test_rosd_math_fixture_all_wrong_groups_use_reference_solution(tmp_path, cap
                                       "data.eval_path=none", "data.langs=[swa]", "data.prompts_per_step=2",
                                       "rollout.n=2", "train.steps=1", "eval.every=-1",
                                       "rosd.on_all_wrong=reference_solution", "objective.tis_cap=none"])
-    _rendezvous_env(free_port())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # restored by conftest
     torch.set_num_threads(1)
     try:
         Trainer(cfg).run()
@@ -202,21 +202,3 @@ def test_rosd_math_fixture_all_wrong_groups_use_reference_solution(tmp_path, cap
     assert r["rosd/failed_reflections"] == 4 and r["rosd/rollouts_distilled"] > 0 and float(r["loss"]) > 0
     assert "tis_weight_mean" in r and r["tis_weight_mean"] == 1.0  # tis_cap=none: unweighted
     assert "all-wrong 2" in capsys.readouterr().out
-
-
-def _rendezvous_env(port: int) -> None:
-    """In-process runs need a rendezvous; set it for this process without leaking a port that another
-    test (e.g. a Slurm job inheriting the environment) could try to bind after this one."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-
-
-@pytest.fixture(autouse=True)
-def _restore_rendezvous_env():
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

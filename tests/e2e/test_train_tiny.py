@@ -27,7 +27,7 @@ def run_tiny(tmp_path, name, overrides=()):
     from megatron_copsd.testing.multiproc import free_port
     from megatron_copsd.trainer import Trainer
 
-    _rendezvous_env(free_port())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # restored by conftest
     torch.set_num_threads(1)
     cfg = config_from_dict(TINY, [f"train.output_dir={tmp_path / name}", *overrides])
     try:
@@ -146,21 +146,3 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, monkeypatch):
         run_tiny(tmp_path, "nan", ["train.steps=3", "train.max_nonfinite_in_a_row=2", "eval.every=-1"])
     recs = read_metrics(tmp_path / "nan" / "metrics.jsonl")
     assert recs[0]["skipped"] is True and recs[0]["nonfinite_skipped"] == 1
-
-
-def _rendezvous_env(port: int) -> None:
-    """In-process runs need a rendezvous; set it for this process without leaking a port that another
-    test (e.g. a Slurm job inheriting the environment) could try to bind after this one."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-
-
-@pytest.fixture(autouse=True)
-def _restore_rendezvous_env():
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
