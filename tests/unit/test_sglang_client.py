@@ -20,12 +20,7 @@ GREEDY = SamplingParams(max_new_tokens=8, temperature=0, n=2)
 FAST = dict(health_timeout_s=5, timeout_s=5, max_retries=2, backoff_s=0.01, connect_timeout_s=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
