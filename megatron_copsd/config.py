@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from megatron_copsd.rosd.config import RosdConfig
 
@@ -96,6 +96,15 @@ class DataConfig:
     """COPSD teacher prompt carries the English problem."""
     include_reference_solution_en: bool = True
     """COPSD teacher prompt carries the English reference solution."""
+    reasoning_prefix: bool = False
+    """Open the assistant turn of the student, COPSD-teacher and eval prompts with the target language's
+    reasoning prefix (the reference runs' `--student_enable_thinking`): `<think>` + newline + the prefix when
+    the tokenizer knows `<think>` (Qwen3; rendered with enable_thinking=True), the bare prefix otherwise.
+    Student and teacher carry the same prefix tokens, so they stay aligned on the response. Needs
+    data.format copsd and a language with a reasoning prefix (see data.language_overrides)."""
+    language_overrides: Optional[str] = None
+    """YAML file of per-language strings (instruction, reasoning_prefix, ...) applied to the language
+    registry at start-up; see megatron_copsd/data/languages.py for the format."""
 
     def __post_init__(self) -> None:
         if not self.train_path:
@@ -109,6 +118,11 @@ class DataConfig:
             _fail("data.train_path", f"fixtures are COPSD-format math; data.format={self.format} needs a file")
         _check_positive("data.prompts_per_step", self.prompts_per_step)
         _check_positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        if self.reasoning_prefix and self.format != "copsd":
+            _fail("data.reasoning_prefix", f"needs data.format copsd (data.format={self.format} uses the "
+                  "rows' own prompts)")
+        if self.language_overrides is not None and not Path(self.language_overrides).is_file():
+            _fail("data.language_overrides", f"file {self.language_overrides!r} does not exist")
 
 
 @dataclass
@@ -161,8 +175,11 @@ class ObjectiveConfig:
     (the paper's alpha = beta = 0.5) and to forward_kl otherwise."""
     beta: float = 0.5
     """JSD interpolation: M = beta*p + (1-beta)*q."""
-    temperature: float = 1.0
-    """Distillation temperature tau applied to both student and teacher logits."""
+    temperature: Union[Literal["auto"], float] = "auto"
+    """Loss temperature tau applied to both student and teacher logits (copsd, rosd) and to both log-probs
+    of the sampled-token objective (sampled_kl). `auto` (default): `rollout.temperature`, as the reference
+    runs do (one temperature for sampling and for the loss; otherwise sampled_kl is off-policy); resolved
+    when the config is built. A number overrides it, with a start-up warning when it differs."""
     token_clip: Optional[float] = None
     """Clip each token's divergence from above (0.05 in the reference runs); clipped tokens give no grad."""
     teacher_top_k: Optional[int] = None
@@ -192,7 +209,10 @@ class ObjectiveConfig:
         _check_choice("objective.divergence", self.divergence, ("forward_kl", "reverse_kl", "jsd"))
         if not 0 <= self.beta <= 1:
             _fail("objective.beta", f"must be in [0, 1], got {self.beta!r}")
-        _check_positive("objective.temperature", self.temperature)
+        if isinstance(self.temperature, str) and self.temperature != "auto":
+            _fail("objective.temperature", f"must be `auto` or a number > 0, got {self.temperature!r}")
+        if self.temperature != "auto":
+            _check_positive("objective.temperature", self.temperature)
         if self.token_clip is not None:
             _check_positive("objective.token_clip", self.token_clip)
         if self.teacher_top_k is not None:
@@ -365,9 +385,30 @@ class Config:
             _fail("rollout.n", "GRPO needs at least 2 samples per prompt (group-normalised advantages)")
         if self.objective.teacher_top_k is not None and self.objective.name != "copsd":
             _fail("objective.teacher_top_k", "only applies to objective.name=copsd (rosd: rosd.loss=topk_tail)")
+        if self.objective.temperature == "auto":
+            self.objective.temperature = float(self.rollout.temperature)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def startup_warnings(cfg: Config) -> list[str]:
+    """Settings worth a warning at start-up (the trainer prints them on rank 0)."""
+    out = []
+    o, r = cfg.objective, cfg.rollout
+    if o.temperature != r.temperature:
+        if o.name in ("copsd", "rosd", "sampled_kl"):
+            what = ("the sampled-token objective is then off-policy (its log-probs are not the sampling "
+                    "distribution's)" if o.name == "sampled_kl" else
+                    "the reference code uses one temperature for sampling and for the loss")
+            out.append(f"objective.temperature ({o.temperature:g}) differs from rollout.temperature "
+                       f"({r.temperature:g}): the loss uses another temperature than the sampling; {what}. "
+                       "Set objective.temperature: auto to use one temperature.")
+        else:
+            used = f"the rollout temperature {r.temperature:g}" if o.name == "grpo" else "temperature 1"
+            out.append(f"objective.temperature ({o.temperature:g}) is ignored by objective.name={o.name} "
+                       f"(it uses {used})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +425,16 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            return None
-        return _coerce(path, value, args[0])
+            if len(args) < len(typing.get_args(tp)):
+                return None
+            _fail(path, f"must be set, got {value!r}")
+        errors = []
+        for arg in args:  # first member that accepts the value (e.g. Literal["auto"] before float)
+            try:
+                return _coerce(path, value, arg)
+            except ValueError as e:
+                errors.append(str(e).split(": ", 1)[-1])
+        _fail(path, " or ".join(errors))
     if origin is Literal:
         if value not in typing.get_args(tp):
             _fail(path, f"must be one of {list(typing.get_args(tp))}, got {value!r}")

@@ -32,6 +32,10 @@ class PreparedExample:
     """The student's user message as rendered (ROSD reuses it as the problem in its prompts)."""
     system: Optional[str] = None
     """The student's system message (SciKnowEval: the answer-format instruction), if any."""
+    assistant_prefix: str = ""
+    """Text pre-filled into the student's (and teacher's) assistant turn (`data.reasoning_prefix`), if any."""
+    enable_thinking: Optional[bool] = None
+    """The chat template's `enable_thinking` the prompts were rendered with (ROSD's teacher prompts reuse it)."""
 
 
 @dataclass
@@ -66,29 +70,44 @@ def _given_prompt(tok, ex):
 
 
 def prepare_examples(examples, tok, *, include_problem_en: bool, include_reference_solution_en: bool,
-                     max_prompt_tokens: int, with_teacher: bool,
-                     data_format: str = "copsd") -> tuple[list[PreparedExample], int]:
+                     max_prompt_tokens: int, with_teacher: bool, data_format: str = "copsd",
+                     reasoning_prefix: bool = False) -> tuple[list[PreparedExample], int]:
     """Renders student (and COPSD teacher) prompts; drops examples whose prompts exceed the limit.
     `data_format` "copsd": target-language problem + instruction; otherwise the row's own prompt.
+    `reasoning_prefix`: both prompts open the assistant turn with the language's reasoning prefix (inside
+    `<think>` where the tokenizer knows it); ValueError where a language or the template cannot honour it.
     Returns (prepared, number dropped)."""
-    from megatron_copsd.data.prompts import copsd_teacher_prompt, student_prompt
+    from megatron_copsd.data.prompts import (assistant_prefix, copsd_teacher_prompt, reasoning_prefix_mode,
+                                             student_prompt)
 
+    if reasoning_prefix and data_format != "copsd":
+        raise ValueError(f"data.reasoning_prefix needs data.format copsd, got {data_format!r}")
+    modes: dict[str, Optional[bool]] = {}
     out, dropped = [], 0
     for ex in examples:
+        think = {}
+        if reasoning_prefix:
+            if ex.lang not in modes:
+                modes[ex.lang] = reasoning_prefix_mode(tok, ex.lang)
+            think = dict(use_reasoning_prefix=True, enable_thinking=modes[ex.lang])
         if data_format == "copsd":
-            sp, system = student_prompt(tok, ex.lang, ex.problem), None
+            sp, system = student_prompt(tok, ex.lang, ex.problem, **think), None
         else:
             sp, system = _given_prompt(tok, ex)
         s = sp.ids
         t = s
         if with_teacher:
-            t = copsd_teacher_prompt(tok, ex.lang, ex.problem, ex.problem_en, ex.solution_en,
-                                     include_problem_en=include_problem_en,
-                                     include_reference_solution_en=include_reference_solution_en).ids
+            tp = copsd_teacher_prompt(tok, ex.lang, ex.problem, ex.problem_en, ex.solution_en,
+                                      include_problem_en=include_problem_en,
+                                      include_reference_solution_en=include_reference_solution_en, **think)
+            if tp.ids[tp.prefix_start:] != s[sp.prefix_start:]:  # cannot happen: both encode the same prefix
+                raise AssertionError(f"student/teacher assistant prefixes differ for language {ex.lang!r}")
+            t = tp.ids
         if max(len(s), len(t)) > max_prompt_tokens:
             dropped += 1
             continue
-        out.append(PreparedExample(ex, s, t, sp.user_content, system))
+        prefix = assistant_prefix(tok, ex.lang, **think) if think else ""
+        out.append(PreparedExample(ex, s, t, sp.user_content, system, prefix, think.get("enable_thinking")))
     return out, dropped
 
 

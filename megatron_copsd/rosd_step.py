@@ -50,7 +50,7 @@ def build_groups(batch: Sequence[PreparedExample], rollouts: Sequence[Rollout]) 
         groups.append(RosdGroup(
             problem=p.user_content or ex.problem, rollouts=[RosdRollout(rollouts[i].response_ids, rollouts[i].correct) for i in idx],
             system_prompt=p.system, reference_solution=sol, gold_answer=ex.answer, domain=ex.domain,
-            assistant_prefix="", enable_thinking=None))  # the trainer's student prompts use neither
+            assistant_prefix=p.assistant_prefix, enable_thinking=p.enable_thinking))  # as the student's prompt
     return groups, members
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from megatron_copsd import experience as xp
 from megatron_copsd.batching import TrainItem, collate, num_response_tokens, pack_microbatches, shard_for_dp
 from megatron_copsd.checkpoint import state as ckpt
-from megatron_copsd.config import Config, save_config
+from megatron_copsd.config import Config, save_config, startup_warnings
 from megatron_copsd.derived_args import resolve_dtype
 from megatron_copsd.metrics_log import MetricsLogger
 from megatron_copsd.rollout.types import SamplingParams
@@ -64,13 +65,21 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
         torch.manual_seed(cfg.train.seed)
+        if cfg.data.language_overrides:
+            from megatron_copsd.data.languages import load_language_overrides
+
+            load_language_overrides(cfg.data.language_overrides)
         train_ex, eval_ex, self.hf_dir = _resolve_data_and_model(cfg, self.out, self.rank)
         self.tok = load_tokenizer(cfg.model.tokenizer_path or self.hf_dir)
         self.hf_config = load_hf_config(self.hf_dir)
         self.grader = get_grader(cfg.data.task)
         with_teacher = cfg.objective.name in ("copsd", "sampled_kl")
+        if self.rank == 0:
+            for msg in startup_warnings(cfg):
+                warnings.warn(msg)
         prep = dict(include_problem_en=cfg.data.include_problem_en, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                    include_reference_solution_en=cfg.data.include_reference_solution_en, data_format=cfg.data.format)
+                    include_reference_solution_en=cfg.data.include_reference_solution_en, data_format=cfg.data.format,
+                    reasoning_prefix=cfg.data.reasoning_prefix)
         self.train_set, self.dropped = xp.prepare_examples(train_ex, self.tok, with_teacher=with_teacher, **prep)
         self.eval_set, _ = xp.prepare_examples(eval_ex, self.tok, with_teacher=False, **prep)
         self.sampler = xp.PromptSampler(len(self.train_set), seed=cfg.train.seed, shuffle=cfg.data.shuffle)

@@ -12,6 +12,11 @@ sides, so the teacher scores the response in the same context the student produc
 
 The assistant prefix is tokenized separately from the chat text, so `prefix_start` is an exact token
 boundary (`ids[prefix_start:]` are the prefix's tokens).
+
+The trainer's switch (`data.reasoning_prefix`, the reference runs' `--student_enable_thinking`) goes
+through `reasoning_prefix_mode(tok, lang)`: it checks the prefix can be honoured and returns the
+`enable_thinking` to render with (True where the tokenizer knows `<think>`: the assistant turn then opens
+with `<think>` + newline + the prefix, as in the reference's Qwen3 runs; None elsewhere: the bare prefix).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from megatron_copsd.data.languages import Language, get_language
 from megatron_copsd.data.tokenizer import Tokenizer
 
 THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,32 @@ def assistant_prefix(tok: Tokenizer, lang: str | Language, *, use_reasoning_pref
 
 def _knows_think(tok: Tokenizer) -> bool:
     return len(tok.encode(THINK_OPEN)) == 1
+
+
+def reasoning_prefix_mode(tok: Tokenizer, lang: str | Language) -> bool | None:
+    """The `enable_thinking` that prompts with `use_reasoning_prefix=True` must be rendered with, after
+    checking the prefix can be honoured; raises ValueError (naming the language or the template) if not.
+
+    True: the tokenizer has `<think>` as one token, so the prefix opens a think block (Qwen3). None: no
+    `<think>` token; the prefix alone opens the assistant turn (the template is rendered as usual)."""
+    lang = _lang(lang)
+    if not lang.reasoning_prefix.strip():
+        raise ValueError(
+            f"data.reasoning_prefix: language {lang.code!r} ({lang.name}) has no reasoning prefix (the registry "
+            "holds only English stand-ins for it, and an English prefix would steer the model to English); add "
+            "one with a data.language_overrides file (field reasoning_prefix) or set data.reasoning_prefix false")
+    if not _knows_think(tok):
+        return None
+    msgs = [{"role": "user", "content": "x"}]
+    opened = tok.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True)
+    closed = tok.apply_chat(msgs, add_generation_prompt=False, enable_thinking=True)
+    tail = opened[len(closed):] if opened.startswith(closed) else opened[-64:]
+    if THINK_CLOSE in tail or THINK_OPEN in tail:
+        raise ValueError(
+            "data.reasoning_prefix: the tokenizer's chat template already writes a think block into the opened "
+            f"assistant turn even with enable_thinking=True ({tail!r}), so the reasoning prefix cannot open "
+            "the reasoning; use a template that leaves the assistant turn empty (Qwen3's does)")
+    return True
 
 
 def _render(tok: Tokenizer, messages: list[dict], prefix: str, enable_thinking: bool | None,

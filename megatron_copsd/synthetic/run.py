@@ -55,6 +55,28 @@ def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir:
     return cfg
 
 
+def objective_settings(mode: Mode, method: str) -> dict:
+    """The objective settings `method` runs with in `mode`, as the trainer resolves them (e.g. the loss
+    temperature `auto` -> the rollout temperature); the summary prints them per method."""
+    from megatron_copsd.config import config_from_dict
+
+    cfg = config_from_dict(trainer_config(mode, method, 0, Path("base"), Path("run")))
+    o, r = cfg.objective, cfg.rollout
+    out = {"objective": o.name, "lr": cfg.optim.lr, "grad_clip": cfg.optim.clip_grad,
+           "rollout_temperature": r.temperature, "samples_per_prompt": r.n}
+    if o.name in ("copsd", "rosd", "sampled_kl"):
+        out.update(loss_temperature=o.temperature, teacher=o.teacher)
+    if o.name in ("copsd", "rosd"):
+        out.update(divergence=o.divergence + (f" (beta {o.beta:g})" if o.divergence == "jsd" else ""),
+                   token_clip=o.token_clip)
+        if o.token_clip is not None and hasattr(o, "token_clip_mode"):
+            out["token_clip_mode"] = o.token_clip_mode
+    if o.name == "grpo":
+        out.update(ratio_clip=f"[{1 - o.clip_eps_low:g}, {1 + o.clip_eps_high:g}]", std_normalize=o.std_normalize,
+                   kl_coef=o.kl_coef)
+    return out
+
+
 def free_port() -> int:
     """A TCP port free right now: the single-process gloo group of each Megatron run needs one, and the
     default (29500) collides with any other run on the machine (another benchmark, a test)."""
@@ -256,7 +278,8 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
             "budget": f"{t.steps} steps x {t.prompts_per_step} prompts x {t.n} rollouts, <= {t.max_new_tokens} new tokens",
             "base_model": str(base_root), "checkpoints": checkpoints, "timings": timings, "cpu_seconds": cpu,
             "load_average": _load_average(),
-            "teacher_greedy_accuracy": teacher_acc}
+            "teacher_greedy_accuracy": teacher_acc,
+            "objective_settings": {m: objective_settings(mode, m) for m in mode.methods}}
     files = {"summary": str(out / "summary.md"), "metrics": report_files.get("csv", ""),
              "report": report_files.get("markdown", ""), "scored generations": str(out / "scored_generations.jsonl"),
              "base checkpoint": str(base_root / "hf")}

@@ -23,7 +23,8 @@ RECIPE_NOTES = (
     "with a block-diagonal causal mask.",
     "Trainer: at lr 3e-4 with rollout temperature 1.0 every method lost target-language accuracy in 16 "
     "steps (COPSD 0.42/0.48 -> 0.31/0.33, GRPO -> 0.27/0.13; sampled-token KL rose to 0.69/0.77); at lr 1e-4 "
-    "with temperature 0.7 COPSD rose to 0.52/0.69 and GRPO to 0.42/0.56. Not tuned per method beyond that; "
+    "with temperature 0.7 COPSD rose to 0.52/0.69 and GRPO to 0.42/0.56 (those runs used loss temperature "
+    "1.0; the loss temperature now follows the rollout temperature). Not tuned per method beyond that; "
     "COPSD uses forward KL without token clipping (the reference runs clip at 0.05).",
 )
 
@@ -78,6 +79,23 @@ def verdict(agg: dict, target_langs: Sequence[str]) -> str:
             f"{tail}")
 
 
+def settings_table(settings: dict) -> list[str]:
+    """Markdown lines: one row per method with the objective settings it ran with ('-': not applicable)."""
+    if not settings:
+        return []
+    keys = list(dict.fromkeys(k for s in settings.values() for k in s if k != "objective"))
+
+    def fmt(v) -> str:
+        return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+    md = ["## Objective settings per method", "",
+          "As the trainer resolved them (loss temperature `auto` = the rollout temperature); '-': does not apply.", "",
+          "| method | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for method, s in settings.items():
+        md.append(f"| {method} | " + " | ".join(fmt(s[k]) if k in s else "-" for k in keys) + " |")
+    return md + [""]
+
+
 def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence[str], info: dict,
                   report_files: dict) -> Path:
     """Writes `summary.md` and `summary.json` in `out_dir`; returns the Markdown path."""
@@ -102,6 +120,7 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
         for lang in langs:
             md.append(f"| {lang} | " + " | ".join(_cell(agg.get((m, lang), {}).get(metric)) for m in methods) + " |")
         md.append("")
+    md += settings_table(info.get("objective_settings") or {})
     cpu = info.get("cpu_seconds", {})
     md += ["## Notes: what was tried", ""] + [f"- {n}" for n in RECIPE_NOTES] + [""]
     md += ["## Timing", "", f"Wall seconds (CPU seconds of this process and its trainer runs); load average at the end "

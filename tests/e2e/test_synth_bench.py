@@ -34,6 +34,7 @@ def test_synth_bench_smoke(tmp_path):
         assert key in files
     md = (out / "summary.md").read_text()
     assert "**Verdict:**" in md and "## accuracy" in md and "## format_rate" in md
+    assert "## Objective settings per method" in md and "| copsd |" in md
     for lang in ("eng", "qge", "qva"):
         assert f"| {lang} |" in md
     assert (out / "report" / "report.md").is_file() and (out / "report" / "accuracy_per_language.png").is_file()
