@@ -301,10 +301,16 @@ class CheckpointConfig:
     """`auto` (latest in <output_dir>/checkpoints), `none`, or a checkpoint folder path."""
     export_hf: bool = True
     """Write a Hugging Face checkpoint to <output_dir>/hf at the end."""
+    async_save: bool = True
+    """Write checkpoints in a background process (training continues; the next save or the exit waits for it)."""
+    optimizer_sharding: str = "fully_reshardable"
+    """Distributed-optimizer state format: `fully_reshardable` (gathered over DP per parameter; resumes on any
+    TP / PP / DP layout) or `dp_reshardable` (no communication, fastest; resumes only with the same TP and PP)."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.save_every", self.save_every, allow_zero=True)
         _check_positive("checkpoint.keep_last", self.keep_last)
+        _check_choice("checkpoint.optimizer_sharding", self.optimizer_sharding, ("fully_reshardable", "dp_reshardable"))
         if not self.resume:
             _fail("checkpoint.resume", "must be auto, none or a path")
 

@@ -110,6 +110,8 @@ class Trainer:
         self.engine = _build_engine(cfg, self.hf_dir, self.hf_config, self.tok, self.out) if self.rank == ROLLOUT_RANK else None
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
         self._preempt = threading.Event()
+        self.ckpt_writer = ckpt.CheckpointWriter(self.ckpt_root, keep_last=cfg.checkpoint.keep_last,
+                                                 async_save=cfg.checkpoint.async_save, on_complete=self._log_checkpoint)
         self._resume()
         self.log = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                  wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar,
@@ -144,6 +146,7 @@ class Trainer:
                 self.sync_weights(version=step + 1)
             self.step = step + 1
             self.log_step(step, stats, train_metrics, t, time.perf_counter() - t_step, items)
+            self.ckpt_writer.poll()  # finalises the previous asynchronous save once every rank wrote it
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                 self.save()
             if cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
@@ -151,6 +154,7 @@ class Trainer:
             if self.preempted():
                 if not (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
                     self.save()
+                self.ckpt_writer.wait()
                 self.log.message(f"preempted: checkpoint saved at step {self.step}")
                 self.log.close()
                 return {"rank": self.rank, "preempted": True, "step": self.step}
@@ -268,41 +272,78 @@ class Trainer:
         self.log.log(step + 1, rec)  # `step` in metrics.jsonl = optimizer steps completed (as step_N folders)
 
     def save(self) -> None:
+        """Collective: one megatron-core distributed checkpoint of the whole training state (async when
+        checkpoint.async_save: returns once the write started; the next save / exit waits for it)."""
         from megatron.core import tensor_parallel
 
-        state = {
-            "step": self.step,
-            "model": self.policy.model.state_dict(),
-            "optimizer": _optimizer_state(self.policy.optimizer),
-            "scheduler": self.policy.scheduler.state_dict(),
-            "rng": ckpt.capture_rng_state(),
-            "mp_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
-            "sampler": self.sampler.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "nonfinite": (self.nonfinite_total, self.nonfinite_in_a_row),
-        }
-        ckpt.save_training_state(self.ckpt_root, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
-                                 meta={"tp": self.info.tp_size, "pp": self.info.pp_size})
+        from megatron_copsd.checkpoint.training_state import sharded_training_state
+
+        i = self.info
+        common = {"step": self.step, "sampler": self.sampler.state_dict(),
+                  "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row]}
+        rng = {"rng": ckpt.capture_rng_state(), "mp_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
+               "tp_rank": i.tp_rank, "pp_rank": i.pp_rank, "dp_rank": i.dp_rank}
+        sharding = self.cfg.checkpoint.optimizer_sharding
+        state = sharded_training_state(self.policy, self.teacher, common=common, optimizer_sharding=sharding)
+        self.ckpt_writer.save(self.step, state, rng, meta={
+            "tp": i.tp_size, "pp": i.pp_size, "dp": i.dp_size, "optimizer_sharding": sharding,
+            "distributed_optimizer": self.cfg.parallel.use_distributed_optimizer})
+
+    def _log_checkpoint(self, record: dict) -> None:
+        """Rank 0, when a checkpoint is complete: its size, blocking time and write throughput, one JSON line
+        per checkpoint in <output_dir>/checkpoints.jsonl (metrics.jsonl keeps one record per step)."""
+        import json
+
+        with open(self.out / "checkpoints.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if getattr(self, "log", None) is None:
+            return
+        self.log.message(f"checkpoint step_{record['step']}: {record['bytes'] / 1e6:.1f} MB in "
+                         f"{record['write_s']:.2f} s ({record['mb_per_s']:.1f} MB/s), training blocked "
+                         f"{record['blocking_s']:.2f} s")
 
     def _resume(self) -> None:
+        """Restores the training state, resharding model and optimizer onto this run's TP / PP / DP layout.
+
+        Exact on any layout: weights, fp32 main params, Adam moments and steps, LR schedule, data position,
+        EMA teacher, counters (rollouts are seeded per (train.seed, step), so they continue too). RNG: each
+        rank restores the generators saved by the same global rank (rank 0's when this run has more ranks);
+        Megatron's model-parallel RNG tracker only when that rank had the same TP rank, else it keeps its
+        fresh seed (it only drives dropout inside TP regions)."""
         from megatron.core import tensor_parallel
+
+        from megatron_copsd.checkpoint.training_state import apply_training_state, sharded_training_state
 
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
         if path is None:
             return  # the engine was loaded from the same HF weights as the policy
-        state = ckpt.load_training_state(path)
-        self.policy.model.load_state_dict(state["model"])
-        _load_optimizer_state(self.policy.optimizer, state["optimizer"])
-        self.policy.scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng_state(state["rng"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["mp_rng"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite"]
-        self.step = state["step"]
+        meta = ckpt.read_meta(path)
+        i = self.info
+        if meta.get("distributed_optimizer") != self.cfg.parallel.use_distributed_optimizer:
+            raise ValueError(f"resume from {path}: saved with parallel.use_distributed_optimizer="
+                             f"{meta.get('distributed_optimizer')}, this run has {self.cfg.parallel.use_distributed_optimizer}")
+        sharding = meta.get("optimizer_sharding", "fully_reshardable")
+        if (sharding == "dp_reshardable" and meta.get("distributed_optimizer")
+                and (meta["tp"], meta["pp"]) != (i.tp_size, i.pp_size)):
+            raise ValueError(f"resume from {path}: its optimizer state was saved dp_reshardable at tp={meta['tp']} "
+                             f"pp={meta['pp']} and only loads with that TP/PP (this run: tp={i.tp_size} pp={i.pp_size}); "
+                             "save with checkpoint.optimizer_sharding=fully_reshardable to change TP/PP")
+        template = sharded_training_state(self.policy, self.teacher, common={}, is_loading=True,
+                                          optimizer_sharding=sharding)
+        common = apply_training_state(self.policy, self.teacher, ckpt.load_sharded(path, template))
+        rng, same_rank = ckpt.load_rng(path, self.rank)
+        ckpt.restore_rng_state(rng["rng"])
+        same_layout = (meta["tp"], meta["pp"], meta["world_size"]) == (i.tp_size, i.pp_size, i.world_size)
+        if same_rank and rng["tp_rank"] == i.tp_rank:
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng["mp_rng"])
+        self.sampler.load_state_dict(common["sampler"])
+        self.nonfinite_total, self.nonfinite_in_a_row = common["nonfinite"]
+        self.step = common["step"]
         self.sync_weights(version=self.step)  # the engine must sample from the restored weights
         if self.rank == 0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            layout = "" if same_layout else (f" (saved at tp={meta['tp']} pp={meta['pp']} world={meta['world_size']}, "
+                                             f"resharded to tp={i.tp_size} pp={i.pp_size} world={i.world_size})")
+            print(f"resumed from {path} at step {self.step}{layout}", flush=True)
 
     def evaluate(self) -> dict:
         from megatron_copsd.evaluation import evaluate
@@ -322,9 +363,11 @@ class Trainer:
         from megatron_copsd.checkpoint.convert import gather_hf_state_dict, save_hf_checkpoint
 
         cfg = self.cfg
+        self.ckpt_writer.wait()
         last = ckpt.latest_checkpoint(self.ckpt_root)
         if last is None or ckpt.read_meta(last)["step"] != self.step:
             self.save()
+            self.ckpt_writer.wait()
         hf_out = None
         if cfg.checkpoint.export_hf:
             state = gather_hf_state_dict(self.policy.model, self.hf_config) if self.info.dp_rank == 0 else None
@@ -418,42 +461,6 @@ def _resolve_data_and_model(cfg: Config, out: Path, rank: int):
                                             **cfg.model.tiny_overrides)
         _barrier()
     return train, evals, hf_dir
-
-
-def _optimizer_state(optimizer) -> dict:
-    """Megatron optimizer state of this rank. The distributed optimizer keeps Adam moments and fp32 main
-    params in its own shards, outside `state_dict()`; they are saved per rank in bucket space (no
-    gather), so resuming needs the same layout."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    out = {"state_dict": optimizer.state_dict()}
-    if any(isinstance(o, DistributedOptimizer) for o in subs):
-        shards = []
-        for o in subs:
-            st = o.get_parameter_state_dp_reshardable()
-            for key, dtype_state in st.items():
-                if isinstance(key, int):
-                    for buckets in dtype_state.values():
-                        for bucket in buckets:
-                            for elem in bucket:
-                                elem["padding"] = False  # what load_parameter_state_from_dp_reshardable filters on
-            shards.append(st)
-        out["dist_param_state"] = shards
-    return out
-
-
-def _load_optimizer_state(optimizer, state: dict) -> None:
-    optimizer.load_state_dict(state["state_dict"])
-    if "dist_param_state" in state:
-        with torch.no_grad():
-            for o, st in zip(getattr(optimizer, "chained_optimizers", [optimizer]), state["dist_param_state"]):
-                o.load_parameter_state_from_dp_reshardable(st)
-                # megatron-core 0.16's load_state_dict gives every parameter the *same* dummy `step` tensor;
-                # torch's Adam then increments it once per parameter per step (wrong bias correction).
-                for param_state in o.optimizer.state.values():
-                    if torch.is_tensor(param_state.get("step")):
-                        param_state["step"] = param_state["step"].clone()
 
 
 def _load_examples(path: str, lang: str, data_format: str):

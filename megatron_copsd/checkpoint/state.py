@@ -1,18 +1,28 @@
-"""Training-state checkpoints: atomic, per-rank, keep-last-N, resumable.
+"""Training checkpoints in megatron-core's distributed format (`torch_dist`): sharded, reshardable, async.
 
-    save_training_state(root, step, state, keep_last=2)       # every rank calls it (collective)
-    path = resolve_resume("auto", root)                        # latest complete checkpoint or None
-    state = load_training_state(path)                          # this rank's dict
+    writer = CheckpointWriter(root, keep_last=2, async_save=True)
+    writer.save(step, sharded_state_dict, rng_state, meta={...})   # collective; returns once the write started
+    writer.poll()                                                    # collective, once per step: finalizes done saves
+    writer.wait()                                                    # collective: the pending save completes
+    path = resolve_resume("auto", root)                              # latest complete checkpoint or None
+    state = load_sharded(path, sharded_state_dict)                   # collective; reshards to this run's layout
 
-Layout: `<root>/step_<N>/rank_<r>.pt` (one file per global rank: the model shard, optimizer, scheduler,
-RNG states, data position, step ...) plus `meta.json` written last by rank 0. Every rank writes into
-`<root>/step_<N>.tmp/`; after a barrier rank 0 writes `meta.json` and renames the folder to `step_<N>`.
-A crash at any point before the rename leaves only a `.tmp` folder, which `latest_checkpoint` ignores
-(and the next save of that step replaces), so the previous checkpoint stays intact. Old checkpoints
-beyond `keep_last` are deleted after the rename.
+Layout of one checkpoint `<root>/step_<N>/`:
+    metadata.json, .metadata, common.pt, __*.distcp   megatron-core `dist_checkpointing` (torch_dist): every
+                                                      tensor shard written once, by the rank owning its main
+                                                      replica; plain values (scheduler, data position) in common.pt
+    rng/rank_<r>.pt                                   the RNG states of global rank r (and its TP/PP/DP position)
+    copsd_checkpoint.json                             completion marker, written last: step, layout, the name and
+                                                      byte size of every file, save timings
+Every rank writes into `<root>/step_<N>.tmp/`. Finalisation (after the writers of *all* ranks finished:
+megatron-core's finalize barrier) lets rank 0 write the marker and rename the folder to `step_<N>`; only
+then are checkpoints beyond `keep_last` deleted. A crash or SIGKILL before the rename leaves a `.tmp`
+folder that `list_checkpoints` ignores (the next save of that step replaces it): the previous checkpoint
+stays intact and `resume=auto` picks it.
 
-RNG helpers capture / restore python, numpy and torch (CPU and, when present, CUDA) generators.
-Collectives use the default torch.distributed group when it is initialised.
+Asynchronous save: the tensor write runs in a forked process (megatron-core's `AsyncCallsQueue`; the fork
+is a copy-on-write snapshot, so training may change the weights meanwhile). The next `save`, `wait` or
+`close` waits for it. On CPU the writer's worker processes need `psutil` (otherwise the save hangs).
 """
 from __future__ import annotations
 
@@ -23,13 +33,17 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+MARKER = "copsd_checkpoint.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+# Written by megatron-core's dist_checkpointing: the loader needs all of them (plus the .distcp shards
+# that `.metadata` lists).
+_DIST_FILES = ("metadata.json", ".metadata", "common.pt")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -43,8 +57,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# ---------------------------------------------------------------------------------------------- RNG
 def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) generators, as types `torch.load(weights_only=True)` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -52,21 +70,23 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------------------------------------- folders
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed folders holding meta.json), sorted by step."""
+    """Complete checkpoints (renamed `step_<N>` folders holding the completion marker), sorted by step."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
         m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / "meta.json").is_file():
+        if m and p.is_dir() and (p / MARKER).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -77,58 +97,185 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
 
 
 def resolve_resume(resume: str, root: str | Path) -> Optional[Path]:
-    """`auto` -> latest complete checkpoint under root (or None); `none` -> None; else that folder."""
+    """`auto` -> latest complete checkpoint under root (or None); `none` -> None; else that folder (checked)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(root)
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise ValueError(f"checkpoint.resume={resume!r}: not a complete checkpoint folder (no meta.json)")
+        path = latest_checkpoint(root)
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise ValueError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+    if path is not None:
+        validate_checkpoint(path)
     return path
 
 
-def save_training_state(root: str | Path, step: int, state: dict, *, keep_last: int = 2,
-                        meta: Optional[dict] = None) -> Path:
-    """Writes this rank's `state` for `step`; collective over the default group. Returns the final folder."""
-    rank, world = _rank_world()
-    root = Path(root)
-    final = root / f"step_{step}"
-    tmp = root / f"step_{step}.tmp"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftover of a crash during an earlier save of this step
-        tmp.mkdir(parents=True)
-    _barrier()
-    part = tmp / f"rank_{rank:05d}.pt.part"
-    torch.save(state, part)
-    os.replace(part, tmp / f"rank_{rank:05d}.pt")
-    _barrier()
-    if rank == 0:
-        missing = [r for r in range(world) if not (tmp / f"rank_{r:05d}.pt").is_file()]
-        if missing:
-            raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their state")
-        info = {"step": step, "world_size": world, "time": time.time(), **(meta or {})}
-        (tmp / "meta.json").write_text(json.dumps(info, indent=1))
-        if final.exists():
-            shutil.rmtree(final)  # re-saving the same step (e.g. final save right after a periodic one)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def load_training_state(path: str | Path, *, map_location: str = "cpu") -> dict:
-    """This rank's state from a checkpoint folder; checks the world size matches the one that saved it."""
-    rank, world = _rank_world()
-    path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("world_size") != world:
-        raise ValueError(f"checkpoint {path} was written by {meta.get('world_size')} ranks, this run has {world}; "
-                         "resume with the same layout (or export to HF and restart)")
-    return torch.load(path / f"rank_{rank:05d}.pt", map_location=map_location, weights_only=False)
-
-
 def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
+    marker = Path(path) / MARKER
+    try:
+        return json.loads(marker.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} is incomplete: missing {marker} (the save did not finish)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {path}: bad completion marker {marker}: {exc}") from None
+
+
+def validate_checkpoint(path: str | Path) -> dict:
+    """The marker's contents; ValueError naming the first missing, truncated or unreadable file."""
+    path = Path(path)
+    meta = read_meta(path)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f"checkpoint {path}: bad completion marker {path / MARKER} (no file list)")
+    for name in _DIST_FILES:
+        if name not in files:
+            raise ValueError(f"checkpoint {path}: completion marker does not list {name}")
+    for name, size in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"checkpoint {path} is damaged: missing file {f}")
+        if f.stat().st_size != size:
+            raise ValueError(f"checkpoint {path} is damaged: {f} has {f.stat().st_size} bytes, "
+                             f"the save wrote {size}")
+    for r in range(meta["world_size"]):
+        if f"rng/rank_{r:05d}.pt" not in files:
+            raise ValueError(f"checkpoint {path}: missing file {path / 'rng' / f'rank_{r:05d}.pt'}")
+    try:
+        json.loads((path / "metadata.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {path} is damaged: bad file {path / 'metadata.json'}: {exc}") from None
+    return meta
+
+
+def _folder_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- save
+class CheckpointWriter:
+    """Saves sharded state dicts into atomic step folders, optionally asynchronously (see module doc).
+
+    `on_complete(record)` is called on rank 0 for each finalised checkpoint with its timings and size:
+    `blocking_s` (time the training loop was stopped for it), `write_s` (from the start of the save to
+    the newest file's modification time: the write itself, including any overlap with training),
+    `bytes`, `mb_per_s` (bytes / write_s).
+    """
+
+    def __init__(self, root: str | Path, *, keep_last: int = 2, async_save: bool = False,
+                 on_complete: Optional[Callable[[dict], None]] = None) -> None:
+        self.root, self.keep_last, self.async_save = Path(root), keep_last, async_save
+        self.on_complete = on_complete
+        self._queue = None
+        self.pending: Optional[int] = None  # step being written asynchronously
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+
+    def save(self, step: int, sharded_state_dict: dict, rng_state: dict, *, meta: Optional[dict] = None) -> None:
+        """Collective. Waits for the previous save, then writes `step` (returns once started if async)."""
+        import psutil  # noqa: F401 - the writer's workers need it; fail loudly instead of hanging
+        from megatron.core import dist_checkpointing
+
+        self.wait()
+        rank, world = _rank_world()
+        t0 = time.time()
+        tmp = self.root / f"step_{step}.tmp"
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # leftover of a crash during an earlier save of this step
+            tmp.mkdir(parents=True)
+        _barrier()
+        request = dist_checkpointing.save(sharded_state_dict, str(tmp), sharded_strategy=_save_strategy(),
+                                          async_sharded_save=self.async_save)
+        (tmp / "rng").mkdir(exist_ok=True)  # after megatron-core's check that the folder starts empty
+        part = tmp / "rng" / f"rank_{rank:05d}.pt.part"
+        torch.save(rng_state, part)
+        os.replace(part, tmp / "rng" / f"rank_{rank:05d}.pt")
+        info = {"step": step, "world_size": world, "time": t0, **(meta or {})}
+        if request is None:
+            self._finalize(tmp, step, info, t0, time.time() - t0)
+            return
+        blocking = time.time() - t0
+        request.add_finalize_fn(lambda: self._finalize(tmp, step, info, t0, blocking))
+        self._queue.schedule_async_request(request)
+        self.pending = step
+
+    def poll(self) -> None:
+        """Collective: finalises an asynchronous save whose writers all finished (non-blocking)."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Collective: blocks until the pending asynchronous save is written and finalised."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _finalize(self, tmp: Path, step: int, info: dict, t0: float, blocking: float) -> None:
+        """Runs on every rank after every rank's writer finished (megatron-core's finalize barrier)."""
+        rank, world = _rank_world()
+        final = self.root / f"step_{step}"
+        _barrier()
+        if rank == 0:
+            missing = [r for r in range(world) if not (tmp / "rng" / f"rank_{r:05d}.pt").is_file()]
+            if missing:
+                raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their RNG state")
+            files = _folder_files(tmp)
+            newest = max((tmp / name).stat().st_mtime for name in files)
+            write_s = max(newest - t0, blocking, 1e-6)
+            nbytes = sum(files.values())
+            record = {"step": step, "bytes": nbytes, "blocking_s": blocking, "write_s": write_s,
+                      "mb_per_s": nbytes / 1e6 / write_s, "async": self.async_save}
+            marker = {**info, "files": files, "save": record}
+            (tmp / (MARKER + ".part")).write_text(json.dumps(marker, indent=1))
+            os.replace(tmp / (MARKER + ".part"), tmp / MARKER)
+            if final.exists():
+                shutil.rmtree(final)  # re-saving the same step (e.g. final save right after a periodic one)
+            os.replace(tmp, final)
+            for _, old in list_checkpoints(self.root)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            if self.on_complete is not None:
+                self.on_complete(record)
+        self.pending = None
+        _barrier()
+
+
+def _save_strategy():
+    """torch_dist, with the writes of DP-replicated tensors split across the DP ranks (each byte once)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    base = get_default_save_sharded_strategy()
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_sharded(path: str | Path, sharded_state_dict: dict) -> dict:
+    """Loads (and reshards into) `sharded_state_dict`'s layout from a validated checkpoint. Collective."""
+    from megatron.core import dist_checkpointing
+
+    validate_checkpoint(path)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(path))
+    except Exception as exc:  # noqa: BLE001 - name the folder; megatron-core's message names the key
+        raise ValueError(f"checkpoint {path}: cannot load the sharded state: {exc}") from exc
+
+
+def load_rng(path: str | Path, rank: int) -> tuple[dict, bool]:
+    """(RNG record for `rank`, exact): the state saved by the same global rank, or rank 0's when this run
+    has more ranks than the saving one (exact=False)."""
+    path = Path(path)
+    world = read_meta(path)["world_size"]
+    exact = rank < world
+    f = path / "rng" / f"rank_{rank if exact else 0:05d}.pt"
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True), exact
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} is damaged: cannot read {f}: {exc}") from exc

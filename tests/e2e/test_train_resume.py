@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from megatron_copsd.checkpoint.state import MARKER
 from megatron_copsd.metrics_log import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -41,8 +42,8 @@ def test_sigkill_resume_matches_uninterrupted_and_sigusr1_preempts(tmp_path):
     c = _start(_cmd(model, train, tmp_path / "c", 1000), tmp_path / "c.log")
     # Watch both runs at once: kill b (a crash: no chance to clean up) as soon as its step-2 checkpoint is
     # complete, and preempt c (finish the step, save, exit 0) after its first checkpoint.
-    pending = {b: (tmp_path / "b" / "checkpoints" / "step_2" / "meta.json", signal.SIGKILL),
-               c: (tmp_path / "c" / "checkpoints" / "step_1" / "meta.json", signal.SIGUSR1)}
+    pending = {b: (tmp_path / "b" / "checkpoints" / "step_2" / MARKER, signal.SIGKILL),
+               c: (tmp_path / "c" / "checkpoints" / "step_1" / MARKER, signal.SIGUSR1)}
     t0 = time.monotonic()
     while pending:
         for proc, (path, sig) in list(pending.items()):
@@ -58,10 +59,10 @@ def test_sigkill_resume_matches_uninterrupted_and_sigusr1_preempts(tmp_path):
     c_log = (tmp_path / "c.log").read_text()
     assert "preempted: checkpoint saved at step" in c_log
     saved = int(c_log.split("preempted: checkpoint saved at step")[1].split()[0])
-    assert 1 <= saved < 1000 and (tmp_path / "c" / "checkpoints" / f"step_{saved}" / "meta.json").is_file()
+    assert 1 <= saved < 1000 and (tmp_path / "c" / "checkpoints" / f"step_{saved}" / MARKER).is_file()
 
     killed_at = max(int(p.name.split("_")[1]) for p in (tmp_path / "b" / "checkpoints").glob("step_*")
-                    if (p / "meta.json").exists())
+                    if (p / MARKER).exists())
     assert killed_at < steps, "the run finished before it was killed; the test proves nothing"
     b2 = _start(_cmd(model, train, tmp_path / "b", steps), tmp_path / "b2.log")
     assert b2.wait(timeout=600) == 0, (tmp_path / "b2.log").read_text()[-3000:]

@@ -1,0 +1,117 @@
+"""What a training checkpoint holds, as one megatron-core sharded state dict (see checkpoint/state.py).
+
+    sd = sharded_training_state(policy, teacher, common={...})                   # to save
+    sd = sharded_training_state(policy, teacher, common={...}, is_loading=True)  # template to load into
+    common = apply_training_state(policy, teacher, load_sharded(path, sd))
+
+Keys:
+    model.*       the policy's `sharded_state_dict()`: each tensor keyed by its global (unsharded) name and
+                  shape with this rank's slice, so any TP / PP layout can load it
+    optimizer.*   the Megatron optimizer's `sharded_state_dict()` on top of the model's: fp32 main params and
+                  Adam moments per parameter. With the distributed optimizer, `optimizer_sharding` picks
+                  megatron-core's format: `fully_reshardable` (default) all-gathers each TP/PP shard's state
+                  over DP before the write and stores it per parameter in model space, so any TP / PP / DP
+                  layout can load it; `dp_reshardable` writes each DP rank's own buffer slice with no
+                  communication (fastest at scale) but only reloads on the same TP / PP layout.
+                  Either way each byte is written once: replicas split the writes (fully parallel save).
+    teacher_ema.* the EMA teacher's weights (same sharding as the policy), only in `ema` mode
+    common        plain values, identical on every rank, written once (common.pt): scheduler, data
+                  position, step, counters, layout
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+OPTIMIZER_SHARDINGS = ("fully_reshardable", "dp_reshardable")
+
+
+def sharded_training_state(policy, teacher, *, common: dict, is_loading: bool = False,
+                           optimizer_sharding: str = "fully_reshardable") -> dict:
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+    if optimizer_sharding not in OPTIMIZER_SHARDINGS:
+        raise ValueError(f"checkpoint.optimizer_sharding must be one of {OPTIMIZER_SHARDINGS}, got {optimizer_sharding!r}")
+    metadata = {"distrib_optim_sharding_type": optimizer_sharding}
+    if is_loading:
+        _init_empty_adam_state(policy.optimizer)
+    model_sd = policy.inner.sharded_state_dict(metadata=metadata)
+    optim_sd = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+    out = {"model": model_sd, "optimizer": optim_sd, "scheduler": policy.scheduler.state_dict(), "common": common}
+    if teacher.mode == "ema":
+        teacher_sd = teacher._copy.sharded_state_dict(metadata=metadata)
+        add_prefix_for_sharding(teacher_sd, "teacher_ema.")
+        out["teacher_ema"] = teacher_sd
+    return out
+
+
+def apply_training_state(policy, teacher, loaded: dict) -> dict:
+    """Loads model, optimizer, scheduler and EMA teacher from `loaded`; returns its `common` part."""
+    policy.inner.load_state_dict(loaded["model"], strict=True)
+    with _keep_torch_adam_step(policy.optimizer):
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(policy.optimizer)
+    policy.scheduler.load_state_dict(loaded["scheduler"])
+    if teacher.mode == "ema":
+        if "teacher_ema" not in loaded:
+            raise ValueError("resume: objective.teacher=ema but the checkpoint holds no EMA teacher")
+        teacher._copy.load_state_dict(loaded["teacher_ema"], strict=True)
+    return loaded["common"]
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core can give every parameter the *same* `step` tensor on load; torch's Adam would then
+    increment it once per parameter per step (wrong bias correction). Each parameter gets its own copy."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if inner is None:
+            continue
+        for param_state in inner.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+
+
+def _init_empty_adam_state(optimizer) -> None:
+    """A fresh torch Adam has no per-parameter state, and megatron-core 0.16's distributed optimizer cannot
+    describe an empty state (`state_dict` reads the common `step`; TE / apex keep it elsewhere). Zero
+    moments and step are created in place -- the load overwrites them -- instead of megatron-core's dummy
+    optimizer step, which would also apply weight decay to the parameters."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam) or len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                                      exp_avg_sq=torch.zeros_like(p))
+
+
+@contextmanager
+def _keep_torch_adam_step(optimizer):
+    """megatron-core 0.16's `fully_reshardable` loader skips torch Adam's per-parameter `step` (restored
+    from the param groups by `load_state_dict`) but then copies every key of the optimizer state, `step`
+    included, and fails with KeyError('step') when TE / apex are absent. For the duration of the load each
+    parameter's `step` is copied onto itself instead."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(o, DistributedOptimizer) or not isinstance(o.optimizer, torch.optim.Adam):
+            continue
+        original = o._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _o=o, _original=original):
+            if "step" not in tensors:
+                current = _o._get_main_param_and_optimizer_states(model_param)
+                if "step" in current:
+                    tensors = {**tensors, "step": current["step"]}
+            _original(model_param, tensors)
+
+        o._set_main_param_and_optimizer_states = set_states
+        patched.append(o)
+    try:
+        yield
+    finally:
+        for o in patched:
+            del o._set_main_param_and_optimizer_states  # back to the class method
