@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from megatron_copsd.checkpoint.state import MARKER
 from megatron_copsd.config import config_from_dict
 from megatron_copsd.metrics_log import read_metrics
 
@@ -48,7 +49,7 @@ def test_copsd_tiny_run_writes_everything(tmp_path):
         assert abs(r["logprob_gap"]) < 1e-4  # embedded engine and trainer agree on log-probs
         assert r["skipped"] is False
     out = tmp_path / "copsd"
-    assert (out / "checkpoints" / "step_2" / "meta.json").is_file() and not (out / "checkpoints" / "step_1").exists()
+    assert (out / "checkpoints" / "step_2" / MARKER).is_file() and not (out / "checkpoints" / "step_1").exists()
     assert (out / "hf" / "config.json").is_file() and (out / "tensorboard").is_dir()
     assert result["report"] and os.path.isfile(result["report"])
     # The HF export is the trained policy: loadable by transformers, different from the initial weights.
@@ -108,7 +109,7 @@ def test_distributed_optimizer_resume_restores_adam_state(tmp_path):
     run_tiny(tmp_path, "b", ov + ["train.steps=2"])
     _, b = run_tiny(tmp_path, "b", ov + ["train.steps=4"])
     # step 4's loss depends on step 3's update, which uses the restored Adam moments and step counts
-    # (megatron-core's loader shares one `step` tensor between parameters: see trainer._load_optimizer_state)
+    # (megatron-core's loader shares one `step` tensor between parameters: see checkpoint/training_state.py)
     for key in ("loss", "grad_norm", "response_len"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-6), key
 
