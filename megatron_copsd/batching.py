@@ -82,6 +82,13 @@ class SideBatch:
     resp_batch_idx: torch.Tensor  # [T] row of each response position
     resp_pos_idx: torch.Tensor  # [T] column of each response position
 
+    def to_(self, device: torch.device) -> "SideBatch":
+        from megatron_copsd.megatron.device import to_compute_device
+
+        for name in ("tokens", "position_ids", "resp_batch_idx", "resp_pos_idx"):
+            setattr(self, name, to_compute_device(getattr(self, name), device))
+        return self
+
 
 @dataclass
 class MicroBatch:
@@ -95,6 +102,18 @@ class MicroBatch:
     num_tokens: int
     item_indices: list = field(default_factory=list)  # TrainItem.index of each row, in target order
     response_lens: list = field(default_factory=list)  # response length of each row
+
+    def to_(self, device: torch.device) -> "MicroBatch":
+        """Moves every tensor to `device` in place (pinned + non_blocking from the host to CUDA); no-op
+        for tensors already there. Returns self."""
+        from megatron_copsd.megatron.device import to_compute_device
+
+        self.student.to_(device)
+        if self.teacher is not self.student:
+            self.teacher.to_(device)
+        for name in ("targets", "mask", "rollout_logprobs", "advantages"):
+            setattr(self, name, to_compute_device(getattr(self, name), device))
+        return self
 
 
 def num_response_tokens(items: Sequence[TrainItem]) -> int:
@@ -134,9 +153,9 @@ def pack_microbatches(items: Sequence[TrainItem], token_budget: int) -> list[lis
     return out
 
 
-def _side(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SideBatch:
+def _side(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_multiple: int = 1) -> SideBatch:
     seqs = [p + r[:-1] for p, r in zip(prompts, responses)]  # the last token predicts nothing
-    s = max(len(x) for x in seqs)
+    s = -(-max(len(x) for x in seqs) // pad_multiple) * pad_multiple
     tokens = torch.full((len(seqs), s), pad_id, dtype=torch.long)
     for i, x in enumerate(seqs):
         tokens[i, : len(x)] = torch.tensor(x, dtype=torch.long)
@@ -148,10 +167,14 @@ def _side(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> 
     return SideBatch(tokens, position_ids, torch.tensor(b_idx, dtype=torch.long), torch.tensor(p_idx, dtype=torch.long))
 
 
-def collate(items: Sequence[TrainItem], *, pad_id: int) -> MicroBatch:
+def collate(items: Sequence[TrainItem], *, pad_id: int, pad_multiple: int = 1) -> MicroBatch:
+    """Tensors of one micro-batch (on the host). `pad_multiple`: sequence lengths are rounded up to a
+    multiple of it (the TP size under sequence parallelism, which splits the sequence over TP ranks)."""
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     responses = [it.response for it in items]
-    student = _side([it.student_prompt for it in items], responses, pad_id)
-    teacher = _side([it.teacher_prompt for it in items], responses, pad_id)
+    student = _side([it.student_prompt for it in items], responses, pad_id, pad_multiple)
+    teacher = _side([it.teacher_prompt for it in items], responses, pad_id, pad_multiple)
     targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)
     has_lp = all(len(it.rollout_logprobs) == len(it.response) for it in items)
     lps = [x for it in items for x in (it.rollout_logprobs if has_lp else [0.0] * len(it.response))]

@@ -59,13 +59,67 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size (data-parallel size = world_size / (tp * pp))."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    """Shard optimizer state (fp32 main params, Adam moments) over data-parallel ranks (Megatron's
+    distributed optimizer; `use_distributed_optimizer` of its OptimizerConfig and DDP config). On by default
+    in the Qwen3 examples: it saves 12 bytes/param x (1 - 1/dp) per rank."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (TransformerConfig.sequence_parallel): norm / dropout activations are
+    split along the sequence over the TP ranks. Needs tp > 1 (ignored with a warning at tp=1); sequence
+    lengths are padded to a multiple of tp, and the response hidden states are gathered over TP before
+    the loss."""
+    recompute: str = "none"
+    """Activation recomputation (TransformerConfig.recompute_granularity): `none`; `selective` recomputes
+    the attention core (recompute_modules=[core_attn]: the [b, heads, s, s] scores of the non-TE attention
+    are not kept for backward); `full` recomputes whole layers (recompute_method / recompute_num_layers)."""
+    recompute_method: str = "uniform"
+    """Full recompute only: `uniform` (every recompute_num_layers layers form one checkpoint) or `block`
+    (the first recompute_num_layers layers of each pipeline stage are recomputed, the rest are not)."""
+    recompute_num_layers: int = 1
+    """Full recompute only: layers per checkpoint (uniform) or layers recomputed per stage (block)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (DDP config
+    overlap_grad_reduce; buckets are reduced as soon as their gradients are ready)."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: overlap the parameter all-gather after the optimizer step with the next
+    forward (DDP config overlap_param_gather). The trainer still completes the gather right after the
+    step, because the weight sync to the rollout engine and the EMA teacher read every weight then."""
+    bucket_size: Optional[int] = None
+    """DDP bucket size in parameters (DistributedDataParallelConfig.bucket_size); None: Megatron's
+    default max(40M, 1M x dp) when overlapping, one bucket otherwise."""
+    gradient_accumulation_fusion: bool = False
+    """Fuse the weight-gradient GEMM with the accumulation into main_grad (TransformerConfig; needs
+    Transformer Engine on a GPU, ignored with a warning otherwise)."""
+    apply_rope_fusion: bool = False
+    """Fused RoPE kernel (TransformerConfig; needs Transformer Engine on a GPU, ignored with a warning
+    otherwise)."""
     backend: Optional[str] = None
     """torch.distributed backend; default gloo on CPU, nccl on GPU."""
+    timeout_minutes: int = 30
+    """Process-group timeout (the default group and Megatron's TP/PP/DP groups): a rank waiting longer in
+    one collective aborts the job instead of hanging. Raise it when rank 0 generates long rollouts while
+    the other ranks wait in the broadcast."""
+    allow_cpu: bool = False
+    """Train on CPU although the job was allocated GPUs (CUDA_VISIBLE_DEVICES / SLURM_*GPUS*) that this
+    torch cannot use. Default: stop with an error (a CPU-only torch would otherwise silently run gloo)."""
 
     def __post_init__(self) -> None:
         _check_positive("parallel.tp", self.tp)
         _check_positive("parallel.pp", self.pp)
+        _check_positive("parallel.timeout_minutes", self.timeout_minutes)
+        _check_choice("parallel.recompute", self.recompute, ("none", "selective", "full"))
+        _check_choice("parallel.recompute_method", self.recompute_method, ("uniform", "block"))
+        _check_positive("parallel.recompute_num_layers", self.recompute_num_layers)
+        if self.bucket_size is not None:
+            _check_positive("parallel.bucket_size", self.bucket_size)
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            _fail("parallel.overlap_param_gather", "needs parallel.use_distributed_optimizer=true")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            _fail("parallel.overlap_param_gather", "needs parallel.overlap_grad_reduce=true (Megatron requires both)")
+        if self.sequence_parallel and self.tp == 1:
+            import warnings
+
+            warnings.warn("parallel.sequence_parallel ignored: it needs parallel.tp > 1")
+            self.sequence_parallel = False
         if self.backend is not None:
             _check_choice("parallel.backend", self.backend, ("gloo", "nccl"))
 

@@ -58,22 +58,51 @@ def megatron_scheduler_kwargs(cfg: Config) -> dict:
     )
 
 
-def transformer_overrides(cfg: Config) -> dict:
-    """TransformerConfig attributes the trainer sets on the built model before wrapping it in DDP.
+TE_ONLY_FUSIONS = ("gradient_accumulation_fusion", "apply_rope_fusion")
+
+
+def transformer_overrides(cfg: Config, *, use_te: bool | None = None) -> dict:
+    """TransformerConfig attributes of the policy / teacher models (build_gpt_model overrides).
 
     `calculate_per_token_loss=True` stops Megatron from dividing the loss by the number of micro-batches
     and from averaging gradients over data-parallel ranks: our objectives already divide by the global
     valid-token count, so gradients summed over micro-batches and DP ranks are the global token mean.
+    Sequence parallelism, recomputation and the TE fusions come from `cfg.parallel`; a TE-only fusion
+    asked for without Transformer Engine (`use_te`, default: TE imports and a GPU is present) is dropped
+    with a warning.
     """
-    return dict(calculate_per_token_loss=True)
+    import warnings
+
+    p = cfg.parallel
+    out = dict(calculate_per_token_loss=True, sequence_parallel=bool(p.sequence_parallel and p.tp > 1))
+    if p.recompute == "selective":
+        out.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif p.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method=p.recompute_method,
+                   recompute_num_layers=p.recompute_num_layers)
+    if any(getattr(p, name) for name in TE_ONLY_FUSIONS):
+        if use_te is None:
+            from megatron_copsd.megatron.model_provider import te_available
+
+            use_te = te_available()
+        for name in TE_ONLY_FUSIONS:
+            if getattr(p, name):
+                if use_te:
+                    out[name] = True
+                else:
+                    warnings.warn(f"parallel.{name} ignored: it needs Transformer Engine on a GPU")
+    return out
 
 
 def ddp_config_kwargs(cfg: Config) -> dict:
     """Keyword arguments for `megatron.core.distributed.DistributedDataParallelConfig`."""
+    p = cfg.parallel
     return dict(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        bucket_size=p.bucket_size,
+        use_distributed_optimizer=p.use_distributed_optimizer,
     )
 
 

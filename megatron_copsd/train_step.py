@@ -70,6 +70,20 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def _response_hidden(model, hidden, side):
+    """[T, H] hidden states at the response positions. Under sequence parallelism the model returns this
+    TP rank's sequence slice [s/tp, b, H]: all-gather it first. The fused kernels all-reduce the gradient
+    of the (replicated) hidden states over TP themselves, so the gather's backward only keeps this
+    rank's slice (tensor_parallel_output_grad=False), no second reduction."""
+    from megatron_copsd.megatron.model_provider import unwrap_model
+
+    if getattr(unwrap_model(model).config, "sequence_parallel", False):
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return gather_response_hidden(hidden, side)
+
+
 def _head(model, valid_vocab: int):
     from megatron_copsd.megatron.model_provider import lm_head_weight, vocab_shard_info
 
@@ -89,8 +103,13 @@ def _logprobs(hidden, weight, targets, *, temperature, vocab_start, valid_vocab)
 def _run(model, microbatches: list[MicroBatch], side: str, make_loss_func, *, forward_only: bool) -> list:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_copsd.megatron.device import compute_device
+
+    device = compute_device()
+
     def forward_step(data_iterator, model_chunk):
-        mb = next(data_iterator)
+        # Micro-batches are collated on the host; the model (and every loss input) lives on `device`.
+        mb = next(data_iterator).to_(device)
         inputs = getattr(mb, side)
         out = model_chunk(inputs.tokens, inputs.position_ids, None)
         return out, make_loss_func(mb)
@@ -118,7 +137,7 @@ def teacher_pass(teacher_model, microbatches: list[MicroBatch], spec: ObjectiveS
 
     def make_loss_func(mb: MicroBatch):
         def loss_func(hidden):
-            h = gather_response_hidden(hidden, mb.teacher).detach()  # [T, H]
+            h = _response_hidden(teacher_model, hidden, mb.teacher).detach()  # [T, H]
             if kind == "hidden":
                 mb.teacher_out = h
             else:
@@ -175,18 +194,27 @@ def _student_objective(mb: MicroBatch, h, w, start, valid, spec: ObjectiveSpec, 
 
 
 def student_pass(model, microbatches: list[MicroBatch], spec: ObjectiveSpec, num_global_tokens: float, *,
-                 teacher_model=None) -> dict[str, float]:
+                 teacher_model=None, teacher_head: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Forward + backward of every micro-batch (gradients accumulate in Megatron's DDP buffers).
-    Returns this rank's metric sums (zeros on non-last PP stages) as floats keyed by METRIC_KEYS."""
-    totals = {k: 0.0 for k in METRIC_KEYS}
+    The teacher's LM head (fixed / EMA teacher) is `teacher_head`, or read from `teacher_model`.
+    Returns this rank's metric sums (zeros on non-last PP stages) keyed by METRIC_KEYS, as 0-dim fp64
+    tensors on the compute device: accumulated without a host sync per micro-batch (the trainer reads
+    them once per step, after the all-reduce)."""
+    from megatron_copsd.megatron.device import compute_device
+
+    device = compute_device()
+    totals = {k: torch.zeros((), dtype=torch.float64, device=device) for k in METRIC_KEYS}
 
     def make_loss_func(mb: MicroBatch):
         def loss_func(hidden):
-            h = gather_response_hidden(hidden, mb.student)  # [T, H]
+            h = _response_hidden(model, hidden, mb.student)  # [T, H]
             w, start, valid = _head(model, spec.valid_vocab)
             tw = None
-            if teacher_model is not None and spec.separate_teacher_weights and spec.name in ("copsd", "rosd"):
-                tw = _head(teacher_model, spec.valid_vocab)[0].detach()
+            if spec.separate_teacher_weights and spec.name in ("copsd", "rosd"):
+                if teacher_head is not None:
+                    tw = teacher_head.detach()
+                elif teacher_model is not None:
+                    tw = _head(teacher_model, spec.valid_vocab)[0].detach()
             loss, metrics, lp = _student_objective(mb, h, w, start, valid, spec, num_global_tokens, tw)
             if mb.has_rollout_logprobs:
                 with torch.no_grad():
@@ -200,7 +228,7 @@ def student_pass(model, microbatches: list[MicroBatch], spec: ObjectiveSpec, num
             metrics["loss"] = loss.detach()
             mb.per_token_divergence = metrics.pop("per_token_divergence", None)  # diagnostics / layout tests
             for k, v in metrics.items():
-                totals[k] += float(v)
+                totals[k] += torch.as_tensor(v).detach().to(device=device, dtype=torch.float64)
             # 0 tokens: our loss is already the global token mean's share (see module docstring).
             return loss, torch.zeros((), dtype=torch.int), {}
 

@@ -26,6 +26,7 @@ from megatron_copsd.batching import TrainItem, collate, num_response_tokens, pac
 from megatron_copsd.checkpoint import state as ckpt
 from megatron_copsd.config import Config, save_config, startup_warnings
 from megatron_copsd.derived_args import resolve_dtype
+from megatron_copsd.megatron.device import compute_device
 from megatron_copsd.metrics_log import MetricsLogger
 from megatron_copsd.rollout.types import SamplingParams
 from megatron_copsd.train_step import METRIC_KEYS, ObjectiveSpec, student_pass, teacher_pass
@@ -57,7 +58,8 @@ class Trainer:
         from megatron_copsd.megatron.model_provider import load_hf_config
 
         self.cfg = cfg
-        self.info = init_distributed(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend, seed=cfg.train.seed)
+        self.info = init_distributed(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend, seed=cfg.train.seed,
+                                     timeout_minutes=cfg.parallel.timeout_minutes, allow_cpu=cfg.parallel.allow_cpu)
         self.rank = self.info.rank
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -196,17 +198,20 @@ class Trainer:
         return items, stats
 
     def microbatches(self, items):
+        """This DP rank's micro-batches, collated on the host (train_step moves each to the device when it
+        runs). Under sequence parallelism lengths are padded to a multiple of TP."""
+        pad = self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1
         shard = shard_for_dp(items, self.info.dp_rank, self.info.dp_size)
         if not shard and items:
             # Fewer sequences than DP ranks: this rank still has to join the gradient all-reduce, so it
             # runs one masked-out placeholder sequence (zero loss weight, zero gradient, zero tokens).
             mb = collate([TrainItem([self.tok.pad_token_id], [self.tok.pad_token_id], [self.tok.pad_token_id],
-                                    index=-1)], pad_id=self.tok.pad_token_id)
+                                    index=-1)], pad_id=self.tok.pad_token_id, pad_multiple=pad)
             mb.mask.zero_()
             mb.has_rollout_logprobs = False
             return [mb]
         groups = pack_microbatches(shard, self.cfg.train.micro_batch_tokens)
-        return [collate(g, pad_id=self.tok.pad_token_id) for g in groups]
+        return [collate(g, pad_id=self.tok.pad_token_id, pad_multiple=pad) for g in groups]
 
     def score_with_teacher(self, microbatches) -> None:
         if self.spec.teacher_output is None or not microbatches:
@@ -242,6 +247,9 @@ class Trainer:
             return out
         self.nonfinite_in_a_row = 0
         ok, grad_norm, _ = policy.optimizer.step()
+        if self.cfg.parallel.overlap_param_gather:
+            # The gather was deferred to the next forward; the weight sync and the EMA read every weight now.
+            policy.model.start_param_sync(force_sync=True)
         if ok:
             policy.scheduler.step(increment=1)
             self.teacher.after_step()
@@ -395,7 +403,7 @@ class Trainer:
 
     def preempted(self) -> bool:
         """True on every rank once any rank received SIGUSR1/SIGTERM (agreed with one all-reduce)."""
-        flag = torch.tensor([1.0 if self._preempt.is_set() else 0.0])
+        flag = torch.tensor([1.0 if self._preempt.is_set() else 0.0], device=compute_device())  # NCCL: no host tensors
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -403,8 +411,12 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _reduce_metrics(totals: dict, tp_size: int) -> dict:
-    """Sums over every rank; TP ranks of the last stage hold identical values, other stages zeros."""
-    vec = torch.tensor([float(totals.get(k, 0.0)) for k in METRIC_KEYS], dtype=torch.float64)
+    """Sums over every rank; TP ranks of the last stage hold identical values, other stages zeros.
+    `totals` may hold device tensors (student_pass) or floats: one all-reduce on the compute device and
+    one host sync (`tolist`) per step."""
+    device = compute_device()
+    vec = torch.stack([torch.as_tensor(totals.get(k, 0.0), dtype=torch.float64, device=device).reshape(())
+                       for k in METRIC_KEYS])
     if dist.is_initialized():
         dist.all_reduce(vec)
     vec /= tp_size

@@ -112,7 +112,9 @@ def enable_cpu_compat(force: bool = False) -> bool:
         saved["random._set_cuda_rng_state"] = mp_random._set_cuda_rng_state
         saved["Tensor.type"] = torch.Tensor.type
 
-        torch.cuda.current_device = lambda: 0
+        # A CPU device rather than index 0: megatron allocates with `device=torch.cuda.current_device()`
+        # inside autograd backward (sequence-parallel all-gather), where the mode below is not active.
+        torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.synchronize = lambda device=None: None
         torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
         torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_copsd.megatron.cpu_compat import enable_cpu_compat
+from megatron_copsd.megatron.device import check_gpu_allocation, local_device_index
 
 _CREATED_PROCESS_GROUP = {"value": False}
 
@@ -157,13 +158,18 @@ def check_parallel_sizes(world_size: int, tp_size: int, pp_size: int) -> int:
 
 
 def init_distributed(tp_size: int = 1, pp_size: int = 1, *, backend: str | None = None,
-                     seed: int = 1234, timeout_minutes: int = 30) -> ParallelInfo:
-    """Joins (or reuses) the default process group and builds Megatron's TP/PP/DP groups."""
+                     seed: int = 1234, timeout_minutes: float = 30, allow_cpu: bool = False) -> ParallelInfo:
+    """Joins (or reuses) the default process group and builds Megatron's TP/PP/DP groups.
+
+    On GPU the device is `local_rank` modulo the visible devices (one GPU bound per task by Slurm, or
+    all of a node's GPUs visible to every task). RuntimeError when the task was allocated GPUs but torch
+    cannot use them, unless `allow_cpu`. `timeout_minutes` applies to the default group and Megatron's."""
     import datetime
 
     from megatron.core import parallel_state, tensor_parallel
 
     cuda = torch.cuda.is_available()
+    check_gpu_allocation(cuda_available=cuda, allow_cpu=allow_cpu)
     if not cuda:
         enable_cpu_compat()
     if dist.is_initialized():
@@ -173,7 +179,7 @@ def init_distributed(tp_size: int = 1, pp_size: int = 1, *, backend: str | None 
         env = detect_dist_env()
         check_parallel_sizes(env.world_size, tp_size, pp_size)
         if cuda:
-            torch.cuda.set_device(env.local_rank)
+            torch.cuda.set_device(local_device_index(env.local_rank))
         dist.init_process_group(
             backend or ("nccl" if cuda else "gloo"),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -185,7 +191,7 @@ def init_distributed(tp_size: int = 1, pp_size: int = 1, *, backend: str | None 
         world_size, rank, local_rank = env.world_size, env.rank, env.local_rank
     dp_size = check_parallel_sizes(world_size, tp_size, pp_size)
     if cuda and not _CREATED_PROCESS_GROUP["value"]:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_device_index(local_rank))
 
     if parallel_state.model_parallel_is_initialized():
         same = (parallel_state.get_tensor_model_parallel_world_size() == tp_size

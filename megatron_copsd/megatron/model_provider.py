@@ -90,8 +90,12 @@ def num_kv_heads(hf_config) -> int:
 
 
 def transformer_config_from_hf(hf_config, *, tp_size: int | None = None, pp_size: int | None = None,
-                               params_dtype: torch.dtype = torch.float32, **overrides):
-    """Megatron `TransformerConfig` for the HF config; TP/PP sizes default to the live parallel_state."""
+                               params_dtype: torch.dtype = torch.float32, use_te: bool | None = None, **overrides):
+    """Megatron `TransformerConfig` for the HF config; TP/PP sizes default to the live parallel_state.
+
+    Fusions follow the layer spec (`use_te`, default: TE imports and a GPU is present): the local spec's
+    `WrappedTorchNorm` asserts `persist_layer_norm` is off, and `masked_softmax_fusion` needs a CUDA
+    extension the megatron-core wheel does not ship, so both are on only with Transformer Engine."""
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
@@ -107,6 +111,8 @@ def transformer_config_from_hf(hf_config, *, tp_size: int | None = None, pp_size
     if hf_config.num_hidden_layers % pp_size != 0:
         raise ValueError(f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by pp_size={pp_size}")
     on_gpu = torch.cuda.is_available()
+    if use_te is None:
+        use_te = te_available()
     kwargs = dict(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
@@ -130,12 +136,13 @@ def transformer_config_from_hf(hf_config, *, tp_size: int | None = None, pp_size
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels are CUDA-only; on GPU megatron picks its own defaults.
+        # bias-activation / bias-dropout fusions are torch-jit (any GPU); the others need TE (see docstring).
+        # RoPE and gradient-accumulation fusion are opt-in (parallel.* through derived_args).
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and use_te,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=on_gpu and use_te,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         # RL micro-batches differ in length: PP p2p then exchanges shapes first. (The MoE dispatcher
@@ -147,7 +154,8 @@ def transformer_config_from_hf(hf_config, *, tp_size: int | None = None, pp_size
     return TransformerConfig(**kwargs)
 
 
-def _te_available() -> bool:
+def te_available() -> bool:
+    """True when Transformer Engine imports and a GPU is present (then the TE layer spec is used)."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -157,17 +165,59 @@ def _te_available() -> bool:
     return True
 
 
+class SequenceParallelTorchNorm:
+    """torch RMSNorm for the local spec under sequence parallelism. megatron-core's `WrappedTorchNorm`
+    refuses SP only because it does not tag its weight: a norm is per token, so on a sequence slice it
+    computes the right values, and its weight gradient is a partial sum over this rank's tokens that
+    `finalize_model_grads` all-reduces over TP for parameters marked `sequence_parallel`."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"SequenceParallelTorchNorm: normalization {config.normalization!r} is not RMSNorm")
+        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
+        norm.weight.sequence_parallel = True
+        return norm
+
+
+def _replace_norms(spec, new):
+    """A copy of a (nested) ModuleSpec with every WrappedTorchNorm replaced by `new`."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if spec is WrappedTorchNorm:
+        return new
+    if isinstance(spec, ModuleSpec):
+        module = new if spec.module is WrappedTorchNorm else spec.module
+        return dataclasses.replace(spec, module=module, submodules=_replace_norms(spec.submodules, new))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _replace_norms(getattr(spec, f.name), new)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
 def layer_spec(config, *, use_te: bool | None = None):
-    """Transformer Engine spec when TE imports and a GPU is present, else megatron-core's local spec."""
+    """Transformer Engine spec when TE imports and a GPU is present, else megatron-core's local spec.
+
+    Local spec under sequence parallelism: a block spec (this stage's layers + final norm) whose torch
+    norms are `SequenceParallelTorchNorm` (megatron-core 0.16's torch norm asserts SP is off)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
-        use_te = _te_available()
+        use_te = te_available()
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    if not config.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = _replace_norms(spec, SequenceParallelTorchNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 def _make_model_class():
@@ -218,7 +268,9 @@ def build_gpt_model(hf_config, *, params_dtype: torch.dtype = torch.float32, use
         raise ValueError("build_gpt_model needs megatron parallel_state: call dist.init_distributed(tp, pp) first")
     ensure_model_parallel_rng()
     hf_config = load_hf_config(hf_config)
-    config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, **config_overrides)
+    if use_te is None:
+        use_te = te_available()
+    config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, use_te=use_te, **config_overrides)
     theta, rope_scaling, rope_factor = _rope_settings(hf_config)
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     cls = __getattr__("HiddenStateGPTModel")
