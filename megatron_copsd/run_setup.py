@@ -76,48 +76,119 @@ def build_frozen_copy(cfg: Config, hf_dir, hf_config, params_dtype):
 
 
 class Teacher:
-    """The model that scores the student's tokens under the privileged prompt (and the GRPO reference)."""
+    """The model that scores the student's tokens under the privileged prompt (and the GRPO reference).
+
+    EMA in low precision: with decay 0.999 each step moves a weight by 0.1% of its distance to the
+    student, below bf16's resolution (2^-8 relative), so an in-place bf16 update barely moves. The EMA
+    therefore runs on an fp32 master copy (4 bytes/param of the teacher's shard, kept where the teacher's
+    weights are kept) and the bf16 weights are rounded from it after each update.
+
+    Offload (`offload=True`, GPU only): the teacher's parameters live in pinned host memory between uses;
+    `acquire` copies them to the GPU non_blocking and `release` drops the GPU copies (no copy back: a
+    teacher pass does not change them). The LM head the student loss needs every micro-batch stays
+    resident on the GPU (`head_weight`), so the student pass never brings the teacher back.
+    """
 
     def __init__(self, mode: str, policy: Policy, build_copy: Callable[[], torch.nn.Module], *,
                  decay: float = 0.999, offload: bool = False) -> None:
         if mode not in ("fixed", "ema", "dynamic"):
             raise ValueError(f"teacher mode must be fixed, ema or dynamic, got {mode!r}")
         self.mode, self.policy, self.decay = mode, policy, decay
-        self.offload = offload and torch.cuda.is_available()
+        self.offload = offload and torch.cuda.is_available() and mode != "dynamic"
         if offload and not torch.cuda.is_available():
             warnings.warn("objective.offload_teacher ignored: no GPU (the teacher already lives on CPU)")
+        elif offload and mode == "dynamic":
+            warnings.warn("objective.offload_teacher ignored: the dynamic teacher is the policy itself")
         self._copy: Optional[torch.nn.Module] = None if mode == "dynamic" else build_copy()
+        self._params: dict = dict(self._copy.named_parameters()) if self._copy is not None else {}
+        self._host: dict = {}
+        self._master: dict = {}
+        self._head: Optional[torch.Tensor] = None
         if self.offload:
-            self._copy.cpu()
+            self._head = self._lm_head()
+            self._head = None if self._head is None else self._head.detach().clone()
+            for name, p in self._params.items():
+                self._host[name] = p.data.to("cpu").pin_memory()
+                p.data = self._host[name]
+        if mode == "ema":
+            for name, p in self._params.items():
+                if p.dtype != torch.float32:
+                    self._master[name] = p.data.float().pin_memory() if self.offload else p.data.float()
+
+    def _lm_head(self) -> Optional[torch.Tensor]:
+        from megatron_copsd.megatron.model_provider import lm_head_weight, unwrap_model
+
+        if not getattr(unwrap_model(self._copy), "post_process", False):
+            return None
+        return lm_head_weight(self._copy)
 
     @property
     def separate_weights(self) -> bool:
         return self._copy is not None
 
     def acquire(self) -> torch.nn.Module:
-        """The module to run the teacher pass with (moved to the GPU first when offloaded)."""
+        """The module to run the teacher pass with (its parameters copied to the GPU first when offloaded)."""
         if self._copy is None:
             return self.policy.model
         if self.offload:
-            self._copy.cuda(torch.cuda.current_device())
+            from megatron_copsd.megatron.device import compute_device, to_compute_device
+
+            device = compute_device()
+            for name, p in self._params.items():
+                p.data = to_compute_device(self._host[name], device)
         return self._copy
 
     def release(self) -> None:
         if self.offload and self._copy is not None:
-            self._copy.cpu()
+            for name, p in self._params.items():
+                p.data = self._host[name]  # the GPU copy is freed; the host copy is unchanged
+
+    def head_weight(self) -> Optional[torch.Tensor]:
+        """This TP rank's LM-head rows of the teacher (None: dynamic teacher, or not the last PP stage).
+        On the GPU even when the teacher is offloaded."""
+        if self._copy is None:
+            return None
+        return self._head if self.offload else self._lm_head()
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """EMA update from the policy's current weights (no-op for fixed / dynamic)."""
+        """EMA update from the policy's current weights (no-op for fixed / dynamic), in fp32."""
         if self.mode != "ema":
             return
         src = dict(self.policy.inner.named_parameters())
-        for name, p in self._copy.named_parameters():
-            p.mul_(self.decay).add_(src[name].detach().to(p.device, p.dtype), alpha=1.0 - self.decay)
+        for name, p in self._params.items():
+            s = src[name].detach()
+            if name not in self._master:  # fp32 teacher: the parameter is its own master
+                p.data.mul_(self.decay).add_(s.to(p.device, torch.float32), alpha=1.0 - self.decay)
+                continue
+            m = self._master[name]
+            work = m.to(s.device, non_blocking=True) if self.offload else m
+            work.mul_(self.decay).add_(s.float(), alpha=1.0 - self.decay)
+            if self.offload:
+                m.copy_(work, non_blocking=True)
+                self._host[name].copy_(work.to(p.dtype), non_blocking=True)
+            else:
+                p.data.copy_(work)
+        if self.offload:
+            torch.cuda.synchronize()
+            head = self._lm_head()  # between uses the parameters are the pinned host copies
+            if head is not None and self._head is not None:
+                self._head.copy_(head, non_blocking=True)
 
     def state_dict(self) -> dict:
-        return {"ema": self._copy.state_dict()} if self.mode == "ema" else {}
+        if self.mode != "ema":
+            return {}
+        out = {"ema": self._copy.state_dict()}
+        if self._master:
+            out["ema_master"] = {k: v.cpu() for k, v in self._master.items()}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         if self.mode == "ema" and "ema" in state:
             self._copy.load_state_dict(state["ema"])
+            masters = state.get("ema_master") or {}
+            with torch.no_grad():
+                for name, m in self._master.items():
+                    m.copy_(masters[name] if name in masters else self._params[name].data.float())
+            if self.offload and self._head is not None:
+                self._head.copy_(self._lm_head())

@@ -227,9 +227,9 @@ class Trainer:
         policy.optimizer.zero_grad()
         totals = {k: 0.0 for k in METRIC_KEYS}
         if microbatches and num_global_tokens > 0:
-            teacher = self.teacher.acquire() if self.teacher.separate_weights else None
-            totals = student_pass(policy.model, microbatches, self.spec, float(num_global_tokens), teacher_model=teacher)
-            self.teacher.release()
+            # Only the teacher's LM head is needed here (resident on the GPU even when the teacher is offloaded).
+            totals = student_pass(policy.model, microbatches, self.spec, float(num_global_tokens),
+                                  teacher_head=self.teacher.head_weight())
         m = _reduce_metrics(totals, self.info.tp_size)
         out = {"loss": m["loss"], "tokens": int(m["tokens"])}
         if num_global_tokens == 0:
