@@ -77,3 +77,36 @@ def test_sigkill_resume_matches_uninterrupted_and_sigusr1_preempts(tmp_path):
             assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-6, abs=1e-9), (step, key, killed_at)
     print(f"killed after checkpoint step {killed_at}; resumed steps {killed_at + 1}..{steps} match; "
           f"preempted run saved step {saved}")
+
+
+def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
+    """The whole process group (trainer + forked checkpoint writer) is SIGKILLed while step 2's asynchronous
+    save is in flight (its `.tmp` folder exists, no completion marker yet): step 1 stays intact and
+    `resume=auto` picks it; the resumed run replaces the leftover and finishes."""
+    from megatron_copsd import tiny_run
+    from megatron_copsd.checkpoint.state import validate_checkpoint
+    from megatron_copsd.data.loaders import load_copsd_training
+
+    train, _ = tiny_run.write_fixture(tmp_path / "data", num_train=16, num_eval=2)
+    model = tiny_run.materialize_tiny_model(tmp_path / "model", "qwen3", tiny_run.tokenizer_texts(
+        load_copsd_training(train, "swa")), hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    cmd = _cmd(model, train, tmp_path / "run", 4) + ["checkpoint.async_save=true"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.Popen(cmd, stdout=open(tmp_path / "1.log", "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    while not ((ckpts / "step_1" / MARKER).exists() and (ckpts / "step_2.tmp").exists()):
+        assert proc.poll() is None, (tmp_path / "1.log").read_text()[-3000:]
+        assert time.monotonic() - t0 < 300, "the run never reached its second save"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "step_2.tmp").exists() and not (ckpts / "step_2").exists(), "kill missed the save window"
+    assert validate_checkpoint(ckpts / "step_1")["step"] == 1
+    r = subprocess.run(cmd, stdout=open(tmp_path / "2.log", "w"), stderr=subprocess.STDOUT, env=env, timeout=600)
+    log = (tmp_path / "2.log").read_text()
+    assert r.returncode == 0, log[-3000:]
+    assert f"resumed from {ckpts / 'step_1'} at step 1" in log
+    assert validate_checkpoint(ckpts / "step_4")["step"] == 4 and not list(ckpts.glob("*.tmp"))
