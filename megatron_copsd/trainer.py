@@ -236,15 +236,13 @@ class Trainer:
             out["skipped"] = True  # every response was empty: nothing to learn from
             return out
         if not torch.isfinite(torch.tensor(m["loss"])):
-            self.nonfinite_total += 1
-            self.nonfinite_in_a_row += 1
-            out["skipped"] = True
-            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
-                raise NonFiniteLossError(
-                    f"loss was non-finite in {self.nonfinite_in_a_row} consecutive steps (limit "
-                    f"train.max_nonfinite_in_a_row={self.cfg.train.max_nonfinite_in_a_row}); stopping. Try a lower "
-                    f"optim.lr, a token_clip, or check the data; last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
-            return out
+            return self._skip_nonfinite(out, "loss")
+        if not _grads_finite(policy.model):
+            # A finite loss can still give inf/nan gradients (overflowing logits' backward, a bad kernel):
+            # megatron-core only checks for that with an fp16 loss scaler, and clipping by a nan norm would
+            # write nan into every weight.
+            out["grad_norm"] = float("nan")
+            return self._skip_nonfinite(out, "gradient")
         self.nonfinite_in_a_row = 0
         ok, grad_norm, _ = policy.optimizer.step()
         if self.cfg.parallel.overlap_param_gather:
@@ -257,6 +255,21 @@ class Trainer:
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(policy.optimizer.param_groups[0]["lr"])
         out["skipped"] = not ok
+        return out
+
+    def _skip_nonfinite(self, out: dict, what: str) -> dict:
+        """Skips the step (counted, logged as `nonfinite_skipped` / `skipped`); stops after N in a row.
+        The decision is global (all-reduced loss / gradient check), so every rank raises together."""
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        out["skipped"] = True
+        out["nonfinite"] = what
+        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
+            self.ckpt_writer.wait()  # the last good checkpoint is complete before the run stops
+            raise NonFiniteLossError(
+                f"{what} was non-finite in {self.nonfinite_in_a_row} consecutive steps (limit "
+                f"train.max_nonfinite_in_a_row={self.cfg.train.max_nonfinite_in_a_row}); stopping. Try a lower "
+                f"optim.lr, a token_clip, or check the data; last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
         return out
 
     def sync_weights(self, version: int) -> None:
@@ -421,6 +434,20 @@ def _reduce_metrics(totals: dict, tp_size: int) -> dict:
         dist.all_reduce(vec)
     vec /= tp_size
     return dict(zip(METRIC_KEYS, vec.tolist()))
+
+
+def _grads_finite(ddp_model) -> bool:
+    """True when every gradient in the DDP grad buffers of every rank is finite (one all-reduce). Checking
+    the whole local buffer is exact with the distributed optimizer too: a non-finite local gradient makes
+    the reduced sum non-finite."""
+    buffers = list(getattr(ddp_model, "buffers", [])) + list(getattr(ddp_model, "expert_parallel_buffers", []))
+    flags = [torch.isfinite(b.grad_data).all() for b in buffers]
+    device = buffers[0].grad_data.device if buffers else torch.device("cpu")
+    ok = torch.stack(flags).all().to(torch.float32) if flags else torch.ones((), device=device)
+    ok = ok.reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def _derived_metrics(m: dict, objective: str) -> dict:

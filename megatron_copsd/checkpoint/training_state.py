@@ -14,7 +14,8 @@ Keys:
                   layout can load it; `dp_reshardable` writes each DP rank's own buffer slice with no
                   communication (fastest at scale) but only reloads on the same TP / PP layout.
                   Either way each byte is written once: replicas split the writes (fully parallel save).
-    teacher_ema.* the EMA teacher's weights (same sharding as the policy), only in `ema` mode
+    teacher_ema.* the EMA teacher's weights (same sharding as the policy), only in `ema` mode, and
+    teacher_ema_master.*  its fp32 masters (bf16 runs), so the EMA resumes exactly
     common        plain values, identical on every rank, written once (common.pt): scheduler, data
                   position, step, counters, layout
 """
@@ -43,6 +44,30 @@ def sharded_training_state(policy, teacher, *, common: dict, is_loading: bool = 
         teacher_sd = teacher._copy.sharded_state_dict(metadata=metadata)
         add_prefix_for_sharding(teacher_sd, "teacher_ema.")
         out["teacher_ema"] = teacher_sd
+        if teacher._master:
+            out["teacher_ema_master"] = _master_sharded(teacher, metadata)
+    return out
+
+
+def _master_sharded(teacher, metadata) -> dict:
+    """The fp32 EMA masters, sharded like the teacher's weights (same global keys, other prefix)."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+    sd = teacher._copy.sharded_state_dict(metadata=metadata)
+    out = {}
+    for name, entry in sd.items():
+        master = teacher._master.get(name)
+        if master is None:
+            continue
+        extra = {"dtype": master.dtype} if isinstance(entry, ShardedTensor) else {}
+        out[name] = dataclasses.replace(entry, data=master, **extra)
+    if len(out) != len(teacher._master):
+        missing = sorted(set(teacher._master) - set(out))
+        raise RuntimeError(f"EMA masters without a sharded-state entry: {missing[:5]}")
+    add_prefix_for_sharding(out, "teacher_ema_master.")
     return out
 
 
@@ -57,6 +82,12 @@ def apply_training_state(policy, teacher, loaded: dict) -> dict:
         if "teacher_ema" not in loaded:
             raise ValueError("resume: objective.teacher=ema but the checkpoint holds no EMA teacher")
         teacher._copy.load_state_dict(loaded["teacher_ema"], strict=True)
+        masters = loaded.get("teacher_ema_master", {})
+        with torch.no_grad():
+            for name, m in teacher._master.items():  # no masters saved (fp32 run): rounded from the weights
+                m.copy_(masters[name] if name in masters else teacher._params[name].data.float())
+        if teacher.offload and teacher._head is not None:
+            teacher._head.copy_(teacher._lm_head())
     return loaded["common"]
 
 

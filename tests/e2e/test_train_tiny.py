@@ -1,4 +1,5 @@
 """End-to-end: the real loop (embedded rollouts, Megatron passes, optimizer, checkpoints) on a tiny model."""
+import math
 import os
 
 import pytest
@@ -147,3 +148,28 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, monkeypatch):
         run_tiny(tmp_path, "nan", ["train.steps=3", "train.max_nonfinite_in_a_row=2", "eval.every=-1"])
     recs = read_metrics(tmp_path / "nan" / "metrics.jsonl")
     assert recs[0]["skipped"] is True and recs[0]["nonfinite_skipped"] == 1
+
+
+def test_nonfinite_gradient_with_finite_loss_skips_then_stops(tmp_path, monkeypatch):
+    """A finite loss with an inf gradient: the step is skipped (weights untouched), counted and logged;
+    N such steps in a row stop the run."""
+    from megatron_copsd import train_step
+    from megatron_copsd.megatron.model_provider import unwrap_model
+    from megatron_copsd.trainer import NonFiniteLossError
+
+    real = train_step.student_pass
+    seen = []
+
+    def inf_grad_pass(model, *a, **k):
+        seen.append([p.detach().clone() for p in unwrap_model(model).parameters()])
+        out = real(model, *a, **k)
+        model.buffers[0].grad_data[3] = float("inf")  # after the backward pass, before the optimizer step
+        return out
+
+    monkeypatch.setattr("megatron_copsd.trainer.student_pass", inf_grad_pass)
+    with pytest.raises(NonFiniteLossError, match="gradient was non-finite in 2 consecutive steps"):
+        run_tiny(tmp_path, "infgrad", ["train.steps=3", "train.max_nonfinite_in_a_row=2", "eval.every=-1"])
+    recs = read_metrics(tmp_path / "infgrad" / "metrics.jsonl")
+    assert recs[0]["skipped"] is True and recs[0]["nonfinite"] == "gradient" and recs[0]["nonfinite_skipped"] == 1
+    assert recs[0]["loss"] > 0 and math.isfinite(recs[0]["loss"])
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(*seen))  # the skipped step changed nothing
