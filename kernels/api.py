@@ -3,12 +3,17 @@
 impl: "auto" (Triton on CUDA tensors when triton imports, the chunked torch path otherwise), "triton"
 (also runs on CPU tensors when TRITON_INTERPRET=1 was set before triton was first imported), "chunked",
 "reference" (naive float64, tests only).
+
+The chunked and Triton divergences always run through the custom op `copsd::divergence_fwd_bwd`, and
+log-probs of meta / fake tensors through `copsd::linear_logprobs` (ops.py), so both also run under meta
+tensors (`copsd dry-run`) and fake tensors (`torch.compile`); meta / fake inputs pick "triton" in "auto"
+mode (the GPU's choice; only the fake implementation runs).
 """
 from __future__ import annotations
 
 import torch
 
-from . import chunked
+from . import chunked, ops
 from .types import (DivergenceResult, LogprobResult, check_divergence_inputs, check_logprob_inputs,
                     resolve_divergence)
 
@@ -20,7 +25,7 @@ def _pick(impl: str, x: torch.Tensor) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if x.is_cuda:
+    if x.is_cuda or ops.is_shape_only(x):
         try:
             import triton  # noqa: F401
             return "triton"
@@ -61,7 +66,7 @@ def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_w
     return mod.fused_linear_divergence(
         student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, kind=kind, beta=beta,
         temperature=temperature, token_clip=token_clip, loss_weight=loss_weight, tp_group=tp_group,
-        vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size)
+        vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size, fwd_bwd=ops.divergence_via_op(which))
 
 
 def fused_linear_logprobs(hidden, weight, target_ids, *, temperature=1.0, tp_group=None, vocab_start=0,
@@ -76,6 +81,11 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, temperature=1.0, tp_gro
         return reference.fused_linear_logprobs(hidden, weight, target_ids, temperature=temperature,
                                                tp_group=tp_group, vocab_start=vocab_start,
                                                valid_vocab=valid_vocab, return_entropy=return_entropy)
+    if ops.is_shape_only(hidden):
+        lp, ent = ops.logprobs_via_op(hidden, weight, target_ids, impl=which, temperature=temperature,
+                                      tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab,
+                                      chunk_size=chunk_size)
+        return LogprobResult(lp, ent if return_entropy else None)
     if which == "triton":
         from . import logprobs_triton as mod
     else:

@@ -200,12 +200,12 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
 
 def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None, kind, beta,
                             temperature, token_clip, loss_weight, tp_group, vocab_start, valid_vocab,
-                            chunk_size=None) -> DivergenceResult:
+                            chunk_size=None, fwd_bwd=None) -> DivergenceResult:
     """Triton implementation; `kind` is the resolved divergence (see types.resolve_divergence)."""
     tw = weight.detach() if teacher_weight is None else teacher_weight.detach().to(weight.dtype)
     opts = divergence_opts(weight, kind=kind, beta=beta, temperature=temperature, token_clip=token_clip,
                            tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size)
     lw = None if loss_weight is None else loss_weight.detach()
     loss, per_token = GradInForwardDivergence.apply(student_hidden, teacher_hidden.detach().to(student_hidden.dtype),
-                                              weight, tw, lw, _divergence_fwd_bwd, opts)
+                                              weight, tw, lw, fwd_bwd or _divergence_fwd_bwd, opts)
     return DivergenceResult(loss, per_token)
