@@ -6,6 +6,7 @@
     copsd prepare-data ...    (COPSD-format training files)
     copsd bench-kernels ...   (fused divergence microbenchmarks)
     copsd synth-bench ...     (the one-CPU crosslingual benchmark: COPSD vs GRPO)
+    copsd dry-run --config X  (one training step on meta tensors at the real layout: device bugs, memory)
 
 Each subcommand lives in its own module as `main(argv: list[str]) -> int`, imported only when used,
 so `copsd convert` never pays for importing the trainer.
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "prepare-data": ("megatron_copsd.data.prepare", "build COPSD-format training files"),
     "bench-kernels": ("copsd_kernels.bench", "benchmark the fused divergence kernels"),
     "synth-bench": ("megatron_copsd.synthetic.run", "crosslingual benchmark on one CPU: COPSD vs GRPO"),
+    "dry-run": ("megatron_copsd.dry_run", "one training step on meta tensors: device checks + memory per rank"),
 }
 
 

@@ -95,20 +95,10 @@ class Trainer:
 
         dtype = resolve_dtype(cfg, torch.cuda.is_available())
         self.policy = run_setup.build_policy(cfg, self.hf_dir, self.hf_config, dtype)
-        needs_teacher = cfg.objective.name in ("copsd", "rosd", "sampled_kl") or cfg.objective.kl_coef > 0
-        mode = cfg.objective.teacher if needs_teacher else "dynamic"
-        if cfg.objective.name == "grpo" and cfg.objective.kl_coef > 0:
-            mode = "fixed"  # the KL reference is the initial model
-        self.teacher = run_setup.Teacher(mode, self.policy,
+        self.teacher = run_setup.Teacher(teacher_mode(cfg), self.policy,
                                          lambda: run_setup.build_frozen_copy(cfg, self.hf_dir, self.hf_config, dtype),
                                          decay=cfg.objective.ema_decay, offload=cfg.objective.offload_teacher)
-        o = cfg.objective
-        self.spec = ObjectiveSpec(
-            name=o.name, divergence=o.divergence, beta=o.beta, temperature=o.temperature, token_clip=o.token_clip,
-            teacher_top_k=o.teacher_top_k, rollout_temperature=cfg.rollout.temperature,
-            clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high, kl_coef=o.kl_coef, tis_cap=o.tis_cap,
-            valid_vocab=self.hf_config.vocab_size, separate_teacher_weights=self.teacher.separate_weights,
-            rosd_loss=cfg.rosd.loss, rosd_top_k=cfg.rosd.top_k)
+        self.spec = objective_spec(cfg, self.hf_config, self.teacher.separate_weights)
         self.engine = _build_engine(cfg, self.hf_dir, self.hf_config, self.tok, self.out) if self.rank == ROLLOUT_RANK else None
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
         self._preempt = threading.Event()
@@ -423,6 +413,25 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def teacher_mode(cfg: Config) -> str:
+    """The Teacher mode the objective needs (`dynamic` = the policy itself when no teacher is needed)."""
+    needs_teacher = cfg.objective.name in ("copsd", "rosd", "sampled_kl") or cfg.objective.kl_coef > 0
+    mode = cfg.objective.teacher if needs_teacher else "dynamic"
+    if cfg.objective.name == "grpo" and cfg.objective.kl_coef > 0:
+        mode = "fixed"  # the KL reference is the initial model
+    return mode
+
+
+def objective_spec(cfg: Config, hf_config, separate_teacher_weights: bool) -> ObjectiveSpec:
+    o = cfg.objective
+    return ObjectiveSpec(
+        name=o.name, divergence=o.divergence, beta=o.beta, temperature=o.temperature, token_clip=o.token_clip,
+        teacher_top_k=o.teacher_top_k, rollout_temperature=cfg.rollout.temperature,
+        clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high, kl_coef=o.kl_coef, tis_cap=o.tis_cap,
+        valid_vocab=hf_config.vocab_size, separate_teacher_weights=separate_teacher_weights,
+        rosd_loss=cfg.rosd.loss, rosd_top_k=cfg.rosd.top_k)
+
+
 def _reduce_metrics(totals: dict, tp_size: int) -> dict:
     """Sums over every rank; TP ranks of the last stage hold identical values, other stages zeros.
     `totals` may hold device tensors (student_pass) or floats: one all-reduce on the compute device and

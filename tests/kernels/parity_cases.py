@@ -19,15 +19,15 @@ TRITON_BF16_GRAD_TOL = (1e-2, 3e-2)
 GRAD_OUT = 1.7  # grad_output != 1 checks that backward scales the precomputed gradients
 
 
-def make_inputs(T, H, V, dtype, *, seed=0, separate_teacher=False, mask_frac=0.3):
+def make_inputs(T, H, V, dtype, *, seed=0, separate_teacher=False, mask_frac=0.3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(T, H, generator=g)
     ht = hs + 0.7 * torch.randn(T, H, generator=g)
     w = torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)
     tw = w + 0.3 * torch.randn(V, H, generator=g) / H ** 0.5 if separate_teacher else None
     lw = (torch.rand(T, generator=g) > mask_frac).float() / T  # mask + global-count normalizer
-    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-    return cast(hs), cast(ht), cast(w), cast(tw), lw
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(hs), cast(ht), cast(w), cast(tw), lw.to(device)
 
 
 def pick_clip(per_token):
@@ -58,8 +58,8 @@ def assert_close(name, got, want, atol, rtol):
 
 
 def check_divergence(impl, *, T, H, V, dtype, divergence, beta=0.5, temperature=1.0, clip=False,
-                     separate_teacher=False, valid_vocab=None, seed=0, grad_tol=None, **impl_kw):
-    hs, ht, w, tw, lw = make_inputs(T, H, V, dtype, seed=seed, separate_teacher=separate_teacher)
+                     separate_teacher=False, valid_vocab=None, seed=0, grad_tol=None, device="cpu", **impl_kw):
+    hs, ht, w, tw, lw = make_inputs(T, H, V, dtype, seed=seed, separate_teacher=separate_teacher, device=device)
     kw = dict(divergence=divergence, beta=beta, temperature=temperature, valid_vocab=valid_vocab)
     if clip:
         probe = ref.fused_linear_divergence(hs.double(), ht.double(), w.double(),
@@ -76,11 +76,12 @@ def check_divergence(impl, *, T, H, V, dtype, divergence, beta=0.5, temperature=
 
 
 def check_logprobs(impl, *, T, H, V, dtype, temperature=1.0, valid_vocab=None, return_entropy=True, seed=0,
-                   grad_tol=None, **impl_kw):
-    hs, _, w, _, _ = make_inputs(T, H, V, dtype, seed=seed)
+                   grad_tol=None, device="cpu", **impl_kw):
+    hs, _, w, _, _ = make_inputs(T, H, V, dtype, seed=seed, device=device)
     g = torch.Generator().manual_seed(seed + 1)
-    targets = torch.randint(0, valid_vocab or V, (T,), generator=g)
+    targets = torch.randint(0, valid_vocab or V, (T,), generator=g).to(device)
     g_lp, g_ent = torch.randn(T, generator=g, dtype=torch.float64), torch.randn(T, generator=g, dtype=torch.float64)
+    g_lp, g_ent = g_lp.to(device), g_ent.to(device)
     results = []
     for which in (None, impl):
         if which is None:
@@ -95,7 +96,7 @@ def check_logprobs(impl, *, T, H, V, dtype, temperature=1.0, valid_vocab=None, r
         if return_entropy:
             total = total + (out.entropy.double() * g_ent).sum()
         total.backward()
-        ent = out.entropy.detach().double() if return_entropy else torch.zeros(T, dtype=torch.float64)
+        ent = out.entropy.detach().double() if return_entropy else torch.zeros(T, dtype=torch.float64, device=device)
         results.append((out.logprobs.detach().double(), ent, h_.grad.double(), w_.grad.double()))
     atol, rtol = TOLS[dtype]
     for i, (name, g_, w_) in enumerate(zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), results[1],
