@@ -2,6 +2,8 @@
 
     copsd dry-run --config examples/qwen3_8b_copsd.yaml [--world-size 8] [--ranks first,last] [overrides]
 
+    (model.hf_path need not exist here: examples/hf_configs/<name>/config.json is used for Qwen3-1.7B/4B/8B)
+
 What runs: the trainer's own phases (`Trainer.microbatches`, `score_with_teacher`, `train_step`,
 `sync_weights`) on the policy / teacher that `run_setup` builds, so the teacher pass, the student
 forward/backward through megatron-core's pipeline schedule, the fused divergence (custom op, fake
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="training YAML")
     ap.add_argument("--hf-config", default=None, help="HF config.json (or its folder); default: see resolve_hf_config")
-    ap.add_argument("--world-size", type=int, default=None, help="total ranks (default: tp * pp, i.e. DP=1)")
+    ap.add_argument("--world-size", type=int, default=None,
+                    help="total ranks (default: one 8-GPU node when tp * pp divides 8, else tp * pp)")
     ap.add_argument("--ranks", default="first,last", help="ranks to simulate: first, last or numbers")
     ap.add_argument("--student-prompt-tokens", type=int, default=256)
     ap.add_argument("--teacher-prompt-tokens", type=int, default=1024,
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         hf_path = resolve_hf_config(cfg, args.hf_config)
         tp, pp = cfg.parallel.tp, cfg.parallel.pp
-        world = args.world_size or tp * pp
+        world = args.world_size or (8 if 8 % (tp * pp) == 0 else tp * pp)
         ranks = parse_ranks(args.ranks, world, tp, pp)
     except ValueError as e:
         print(f"copsd dry-run: {e}", file=sys.stderr)

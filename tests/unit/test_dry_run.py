@@ -30,7 +30,7 @@ def _small_qwen3(tmp_path, **overrides) -> Path:
 
 def _cfg(**extra):
     overrides = ["parallel.tp=2", "parallel.pp=2", "data.prompts_per_step=4", "rollout.max_new_tokens=128",
-                 "train.micro_batch_tokens=512"] + [f"{k}={v}" for k, v in extra.items()]
+                 "train.micro_batch_tokens=512", "parallel.use_distributed_optimizer=false"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(EXAMPLE, overrides)
 
 
@@ -71,7 +71,7 @@ def test_tp2_pp2_dp2_step_passes_on_first_and_last_stage(tmp_path):
 
 def test_distributed_optimizer_shards_optimizer_state(tmp_path):
     hf = _small_qwen3(tmp_path)
-    plain = _run(_cfg(**{"parallel.pp": 1}), hf, 0)
+    plain = _run(_cfg(**{"parallel.pp": 1, "parallel.use_distributed_optimizer": "false"}), hf, 0)
     sharded = _run(_cfg(**{"parallel.pp": 1, "parallel.use_distributed_optimizer": "true"}), hf, 0)
     ratio = sharded.breakdown["optimizer state"] / plain.breakdown["optimizer state"]
     assert 0.2 < ratio < 0.3, ratio  # DP=4 at TP=2, PP=1, world 8
@@ -120,7 +120,7 @@ def test_cli_prints_the_breakdown_for_reduced_qwen3_8b(tmp_path, capsys):
                        "--response-tokens", "512", "--steps", "1", "data.prompts_per_step=2",
                        "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
-    assert rc == 0 and "TP=4 PP=1" in out and "weights" in out and "PEAK" in out
+    assert rc == 0 and "TP=4 PP=1 DP=2 (world 8)" in out and "weights" in out and "PEAK" in out
     rep = json.loads((tmp_path / "r.json").read_text())[0]
     # TP=4: the untied 151936 x 4096 embedding and LM head, a quarter each, plus 2 layers, in bf16
     expected_weights = (2 * 151936 * 4096 / 4 + 2 * (4096 * 128 * 48 / 4 + 4096 * 128 * 32 / 4
