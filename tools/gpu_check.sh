@@ -34,7 +34,7 @@ REPORT="$OUT/gpu_check_report.md"
 VENV="$OUT/venv"
 STEPS=(
     "install  | 60 s  | venv (system site-packages) + pip install --no-index --find-links \$COPSD_WHEELS -e REPO (skipped when megatron_copsd imports)"
-    "parity   | 180 s | pytest tests/kernels/test_cuda_parity.py: Triton on CUDA vs float64 reference, fp32 + bf16"
+    "parity   | 170 s | pytest tests/kernels/test_cuda_parity.py: Triton on CUDA vs float64 reference, fp32 + bf16"
     "bench    | 90 s  | copsd bench-kernels --mode gpu at the Qwen3-8B head shape (T 4096, H 4096, V 151936, bf16): fused vs naive (+ liger if importable)"
     "tiny-gpu | 75 s  | copsd train examples/tiny_cpu_copsd.yaml, 20 steps, bf16 on cuda:0"
     "tiny-cpu | 75 s  | the same run, fp32 on CPU (CUDA_VISIBLE_DEVICES empty)"
@@ -88,7 +88,7 @@ install() {
         return 2
     fi
     "$PY" -m venv --system-site-packages "$VENV" || return 1
-    "$VENV/bin/python" -m pip install --no-index --find-links "$COPSD_WHEELS" --no-build-isolation -e "$REPO" || return 1
+    timeout 55 "$VENV/bin/python" -m pip install --no-index --find-links "$COPSD_WHEELS" --no-build-isolation -e "$REPO" || return 1
     PY="$VENV/bin/python"
 }
 
@@ -107,7 +107,7 @@ fi
     exit 1
 }
 
-section parity 180 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_parity.py
+section parity 170 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_parity.py
 section bench 90 "$PY" -m copsd_kernels.bench --mode gpu --impls fused,naive,liger --T 4096 --H 4096 --V 151936 \
     --dtype bf16 --repeat 5 --out-dir "$OUT/bench"
 export COPSD_TINY_OVERRIDES="train.steps=20 eval.every=0 checkpoint.save_every=0 logging.progress_bar=false"
