@@ -38,7 +38,7 @@ def sharded_training_state(policy, teacher, *, common: dict, is_loading: bool = 
     if is_loading:
         _init_empty_adam_state(policy.optimizer)
     model_sd = policy.inner.sharded_state_dict(metadata=metadata)
-    optim_sd = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+    optim_sd = _optimizer_sharded_state_dict(policy.optimizer, model_sd, is_loading, metadata)
     out = {"model": model_sd, "optimizer": optim_sd, "scheduler": policy.scheduler.state_dict(), "common": common}
     if teacher.mode == "ema":
         teacher_sd = teacher._copy.sharded_state_dict(metadata=metadata)
@@ -74,8 +74,12 @@ def _master_sharded(teacher, metadata) -> dict:
 def apply_training_state(policy, teacher, loaded: dict) -> dict:
     """Loads model, optimizer, scheduler and EMA teacher from `loaded`; returns its `common` part."""
     policy.inner.load_state_dict(loaded["model"], strict=True)
+    optim_sd = loaded["optimizer"]
+    if isinstance(optim_sd.get("fp32_from_fp16_params"), dict):  # see _mixed_float16_sharded_state_dict
+        groups = optim_sd["fp32_from_fp16_params"]
+        optim_sd["fp32_from_fp16_params"] = [groups.get(str(i), []) for i in range(len(groups))]
     with _keep_torch_adam_step(policy.optimizer):
-        policy.optimizer.load_state_dict(loaded["optimizer"])
+        policy.optimizer.load_state_dict(optim_sd)
     _unshare_adam_steps(policy.optimizer)
     policy.scheduler.load_state_dict(loaded["scheduler"])
     if teacher.mode == "ema":
@@ -146,3 +150,45 @@ def _keep_torch_adam_step(optimizer):
     finally:
         for o in patched:
             del o._set_main_param_and_optimizer_states  # back to the class method
+
+
+def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, metadata: dict) -> dict:
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if (len(subs) == 1 and isinstance(subs[0], Float16OptimizerWithFloat16Params)
+            and any(len(g) for g in subs[0].fp32_from_fp32_groups)):
+        return _mixed_float16_sharded_state_dict(subs[0], model_sd, is_loading)
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+
+
+def _mixed_float16_sharded_state_dict(o, model_sd: dict, is_loading: bool) -> dict:
+    """megatron-core 0.16's `Float16OptimizerWithFloat16Params.sharded_state_dict` numbers the optimizer's
+    parameters as if all were bf16 and fails ("Param id N does not match any model sharded param") when
+    some stay fp32 -- the local spec's norm weights without Transformer Engine. Same format, with the
+    numbering of the inner optimizer's param groups (bf16 params through their fp32 main copies)."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
+
+    if is_loading:
+        o.init_state_fn(o.optimizer, o.config)
+    state_dict = o.state_dict()
+    main_to_model = {id(main): model for g16, g32 in zip(o.float16_groups, o.fp32_from_float16_groups)
+                     for model, main in zip(g16, g32)}
+    inner = [p for g in o.optimizer.param_groups for p in g["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_sd, [main_to_model.get(id(p), p) for p in inner])
+    position = {id(p): i for i, p in enumerate(inner)}
+    # A dict by group index, not a list: megatron-core's common/sharded split drops the position of an
+    # empty list inside a list (a group holding only fp32 params), and the load could not merge it back.
+    state_dict["fp32_from_fp16_params"] = {
+        str(i): [make_sharded_optimizer_tensor(id_map[position[id(main)]], main, prefix="optimizer.state.fp32_param")
+                 for main in group]
+        for i, group in enumerate(o.fp32_from_float16_groups)}
+    step = o._extract_common_per_param_step(state_dict["optimizer"])
+    optim_state_to_sharding_state(state_dict["optimizer"], id_map, exclude_keys="step")
+    if step:
+        state_dict["optimizer"]["state"]["common_step"] = step
+    return state_dict
