@@ -55,15 +55,6 @@ def _check_layout(cfg: Config, hf: dict) -> None:
         raise ValueError(f"config field parallel.pp={pp} must divide num_hidden_layers={hf.get('num_hidden_layers')}")
 
 
-def _single_process_port() -> None:
-    """Outside torchrun/srun, pick a free rendezvous port so two single-process runs can coexist."""
-    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
-    if not launched and "MASTER_PORT" not in os.environ:
-        from megatron_copsd.testing.multiproc import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="copsd train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML run config (examples/*.yaml); omitted: defaults")
@@ -79,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.cpu_threads)
-    _single_process_port()
     from megatron_copsd.megatron.dist import destroy_distributed
     from megatron_copsd.trainer import NonFiniteLossError, Trainer
 

@@ -141,8 +141,10 @@ def detect_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=port,
             source="slurm",
         )
+    # No port by default: a one-process group rendezvouses through an in-memory store (see init_distributed),
+    # so two single-process runs on one machine never compete for a port.
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                   master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500, source="single")
+                   master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 0, source="single")
 
 
 def check_parallel_sizes(world_size: int, tp_size: int, pp_size: int) -> int:
@@ -180,12 +182,16 @@ def init_distributed(tp_size: int = 1, pp_size: int = 1, *, backend: str | None 
         check_parallel_sizes(env.world_size, tp_size, pp_size)
         if cuda:
             torch.cuda.set_device(local_device_index(env.local_rank))
+        if env.source == "single" and env.master_port == 0:
+            rendezvous = {"store": dist.HashStore()}  # one process: nothing to meet, no port to bind
+        else:
+            rendezvous = {"init_method": f"tcp://{env.master_addr}:{env.master_port}"}
         dist.init_process_group(
             backend or ("nccl" if cuda else "gloo"),
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **rendezvous,
         )
         _CREATED_PROCESS_GROUP["value"] = True
         world_size, rank, local_rank = env.world_size, env.rank, env.local_rank

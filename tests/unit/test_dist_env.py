@@ -45,6 +45,41 @@ def test_slurm_env_master_is_first_node_and_port_from_job_id():
 def test_single_process_default():
     env = detect_dist_env({})
     assert (env.rank, env.world_size, env.source) == (0, 1, "single")
+    assert env.master_port == 0  # no default port: an in-memory store (never 29500, which runs would share)
+
+
+def _single_process_group(_rank, _world, queue_dir):
+    """Child of a bare process (no RANK/MASTER_PORT): joins a one-process group and holds it a moment."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_copsd.megatron.dist import destroy_distributed, init_distributed
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        os.environ.pop(k, None)
+    info = init_distributed(1, 1, backend="gloo")
+    open(f"{queue_dir}/{os.getpid()}", "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(queue_dir)) < 2 and time.monotonic() < deadline:  # both groups live at once
+        time.sleep(0.05)
+    ok = len(os.listdir(queue_dir)) >= 2 and dist.get_world_size() == 1 and info.world_size == 1
+    destroy_distributed()
+    return ok
+
+
+def test_two_concurrent_single_process_runs_do_not_collide(tmp_path):
+    """Two one-process groups (as two `copsd train` runs without a launcher) live at the same time on one
+    machine; with the old fixed default port 29500 the second one would fail to bind or join the first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_copsd.testing.multiproc import run_distributed
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run_distributed, _single_process_group, 1, (str(tmp_path),),
+                               timeout=240, init_process_group=False) for _ in range(2)]
+        assert [f.result()[0] for f in futures] == [True, True]
 
 
 def test_bad_integer_is_named():
