@@ -15,8 +15,9 @@ dtypes and storages but no data, and backward works. The price: meta silently ac
 - `HostCollectiveError`: any c10d collective / p2p op that receives a CPU tensor (NCCL refuses them).
 
 Both messages name the op and the innermost frames of the project code (and megatron-core) that issued
-it. What this cannot prove: anything about values (meta has none: `.item()` answers 0, so data-dependent
-branches take their "0 / False" side), CUDA streams/events, kernels' own device handling (the fused
+it. What this cannot prove: anything about values (meta has none: `.item()` / `.tolist()` answer 1 / True, which is
+the "all finite, go ahead" side of the trainer's and megatron's checks -- flags such as `isfinite(...).all()`
+and a grad norm of 1 -- so the optimizer step runs), CUDA streams/events, kernels' own device handling (the fused
 kernels run their fake implementation), NCCL's actual buffer sizes, allocator fragmentation.
 
 Patched while active (restored on exit), each because the GPU path calls it:
@@ -101,8 +102,8 @@ class _CudaToMetaMode(TorchFunctionMode):
             # torch.tensor([device scalars]) copies their values to a new (host unless told) tensor
             flat = tree_leaves(args[0])
             return torch.zeros(len(flat), dtype=kwargs.get("dtype") or flat[0].dtype, device=kwargs.get("device"))
-        if func is torch.Tensor.tolist and args[0].device.type == "meta":  # no values: zeros, like .item()
-            return torch.zeros(args[0].shape, dtype=args[0].dtype, device="cpu").tolist()
+        if func is torch.Tensor.tolist and args[0].device.type == "meta":  # no values: ones, like .item()
+            return torch.ones(args[0].shape, dtype=args[0].dtype, device="cpu").tolist()
         kwargs.pop("pin_memory", None)
         dev = kwargs.get("device")
         to_device = False
@@ -239,7 +240,7 @@ class DeviceCheckMode(TorchDispatchMode):
                     f"{tuple(host[0].shape)} dtype {host[0].dtype}. At: {_where()}")
             if func is torch.ops.aten._local_scalar_dense.default:
                 t = tensors[0]
-                return False if t.dtype == torch.bool else (0.0 if t.dtype.is_floating_point else 0)
+                return True if t.dtype == torch.bool else (1.0 if t.dtype.is_floating_point else 1)
         out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
