@@ -196,11 +196,26 @@ class RolloutConfig:
     max_batch_size: int = 32
     """Embedded engine: sequences decoded together."""
     sglang_urls: list = field(default_factory=list)
-    """SGLang server (or router) base URLs when engine is `sglang`."""
+    """SGLang servers' base URLs when engine is `sglang` (the servers themselves: weight updates go to each;
+    an sglang_router does not take them)."""
+    sglang_router_url: Optional[str] = None
+    """Optional sglang_router for generation requests; weight sync still talks to every `sglang_urls` server."""
     sglang_tp: int = 1
-    """Tensor parallelism of each SGLang server (launch args)."""
+    """Tensor parallelism of each SGLang server (launch args); checked against each server's /server_info."""
     sglang_mem_fraction: float = 0.7
     """`--mem-fraction-static` for launched SGLang servers."""
+    sglang_deterministic: bool = False
+    """Launch the servers with `--enable-deterministic-inference` and send each row a `sampling_seed`
+    derived from (train.seed, step, prompt, sample): reproducible rollouts, at some generation speed."""
+    weight_sync: str = "disk"
+    """How new weights reach SGLang: `disk` (HF checkpoint under train.output_dir/weight_sync, on a filesystem
+    the servers share; for an 8B model a 16 GB write + read per step) or `nccl` (broadcast from the trainer's
+    rank 0 to every server GPU in ~`weight_sync_bucket_mb` buckets; gloo when the trainer runs on CPU)."""
+    weight_sync_master_address: Optional[str] = None
+    """nccl: address at which the servers reach the trainer's rank 0; default: the IPv4 address of the
+    interface in COPSD_SOCKET_IFNAME, else the host name's address (refused if loopback with remote servers)."""
+    weight_sync_bucket_mb: int = 512
+    """nccl: bucket size of one /update_weights_from_distributed call."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.engine", self.engine, ("embedded", "sglang"))
@@ -213,7 +228,21 @@ class RolloutConfig:
             _fail("rollout.top_k", f"must be -1 or >= 1, got {self.top_k!r}")
         _check_positive("rollout.max_batch_size", self.max_batch_size)
         if self.engine == "sglang" and not self.sglang_urls:
+            if self.sglang_router_url:
+                _fail("rollout.sglang_urls", "must list every SGLang server: weight sync cannot go through the "
+                      "router (sglang_router proxies neither /pause_generation nor /update_weights_*)")
             _fail("rollout.sglang_urls", "must list at least one URL when rollout.engine is sglang")
+        _check_choice("rollout.weight_sync", self.weight_sync, ("disk", "nccl"))
+        ignored = [name for name, on in (("weight_sync", self.weight_sync != "disk"),
+                                         ("sglang_deterministic", self.sglang_deterministic),
+                                         ("sglang_router_url", bool(self.sglang_router_url))) if on]
+        if self.engine == "embedded" and ignored:
+            import warnings
+
+            warnings.warn(f"rollout.{', rollout.'.join(ignored)} ignored (used with rollout.engine=sglang only)",
+                          stacklevel=2)
+        _check_positive("rollout.sglang_tp", self.sglang_tp)
+        _check_positive("rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
         if not 0 < self.sglang_mem_fraction < 1:
             _fail("rollout.sglang_mem_fraction", f"must be in (0, 1), got {self.sglang_mem_fraction!r}")
 

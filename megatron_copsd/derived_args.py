@@ -107,15 +107,12 @@ def ddp_config_kwargs(cfg: Config) -> dict:
 
 
 def sglang_launch_args(cfg: Config, model_path: str, *, port: int = 30000, host: str = "0.0.0.0") -> list[str]:
-    """Command-line arguments of `python -m sglang.launch_server` for one rollout server."""
+    """Command-line arguments of `python -m sglang.launch_server` for one rollout server (the same builder
+    as slurm/sglang_servers.sh: weight version 0, deterministic inference when rollout seeds are sent)."""
+    from megatron_copsd.rollout.launch import server_command
+
     dtype = {"bf16": "bfloat16", "fp32": "float32", "auto": "bfloat16"}[cfg.model.dtype]
-    return [
-        "--model-path", model_path,
-        "--tp-size", str(cfg.rollout.sglang_tp),
-        "--mem-fraction-static", str(cfg.rollout.sglang_mem_fraction),
-        "--dtype", dtype,
-        "--host", host,
-        "--port", str(port),
-        "--random-seed", str(cfg.train.seed),
-        "--skip-tokenizer-init",
-    ]
+    r = cfg.rollout
+    return server_command(model_path, tp=r.sglang_tp, host=host, port=port, mem_fraction=r.sglang_mem_fraction,
+                          seed=cfg.train.seed, dtype=dtype, deterministic=r.sglang_deterministic,
+                          weight_sync=r.weight_sync, python="python")[3:]

@@ -535,10 +535,10 @@ def _barrier() -> None:
 def _build_engine(cfg: Config, hf_dir, hf_config, tok, out: Path):
     stops = tuple(dict.fromkeys(list(tok.stop_token_ids) + [tok.eos_token_id]))
     if cfg.rollout.engine == "sglang":
-        from megatron_copsd.rollout.sglang_client import SGLangEngine
+        from megatron_copsd.rollout.sglang_client import engine_from_config
 
-        return SGLangEngine(cfg.rollout.sglang_urls, eos_token_ids=stops, weight_sync="disk",
-                            shared_dir=str(out / "weight_sync"), hf_config=hf_config)
+        # rollout.weight_sync picks disk export or the NCCL broadcast group (rollout/sglang_weights.py).
+        return engine_from_config(cfg, eos_token_ids=stops, hf_config=hf_config, work_dir=out)
     from megatron_copsd.rollout.embedded import EmbeddedEngine
 
     cuda = torch.cuda.is_available()

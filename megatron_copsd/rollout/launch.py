@@ -7,14 +7,23 @@ Run (prints the command; the slurm scripts `exec` it):
     python -m megatron_copsd.rollout.launch register --router http://r:30100 --worker http://node2:30000
 
 Add `--shell` to get one shell-quoted line instead of one argument per line.
+
+Servers start at `--weight-version 0` (the trainer's version before its first update; SGLang's own default
+is "default"), get `--enable-deterministic-inference` with `--deterministic` (needed for `sampling_seed`
+to be honoured), and refuse `--dp > 1` with `--weight-sync nccl` (the DP replicas would claim the same
+NCCL group ranks). `server` also refuses to print a command when this environment -- the one the server
+inherits -- changes SGLang's log-prob semantics (`SGLANG_RETURN_ORIGINAL_LOGPROB`, `--rl-on-policy-target`).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
+
+from megatron_copsd.rollout.sglang_checks import LOGPROB_ENV, env_flag
 
 
 def server_command(
@@ -34,12 +43,22 @@ def server_command(
     nnodes: int = 1,
     node_rank: int = 0,
     dist_init_addr: str | None = None,
+    weight_version: str | None = "0",
+    weight_sync: str = "disk",
     python: str = sys.executable,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """argv of `python -m sglang.launch_server` for one (possibly multi-node) server."""
     if tp < 1 or dp < 1:
         raise ValueError(f"tp and dp must be >= 1, got tp={tp} dp={dp}")
+    if weight_sync not in ("disk", "nccl"):
+        raise ValueError(f"weight_sync must be disk or nccl, got {weight_sync!r}")
+    if weight_sync == "nccl" and dp > 1:
+        raise ValueError(f"dp={dp}: NCCL weight sync needs one server per data-parallel replica (dp=1; each "
+                         "replica's TP ranks would claim the same group ranks); launch more servers instead")
+    if any(a == "--rl-on-policy-target" or a.startswith("--rl-on-policy-target=") for a in extra_args):
+        raise ValueError("--rl-on-policy-target changes the returned log-probs away from log_softmax(logits / T), "
+                         "which the trainer relies on")
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
     if mem_fraction is not None and not 0 < mem_fraction < 1:
@@ -58,6 +77,8 @@ def server_command(
         cmd += ["--dtype", dtype]
     if seed is not None:
         cmd += ["--random-seed", str(seed)]
+    if weight_version is not None:
+        cmd += ["--weight-version", str(weight_version)]
     # Flags the RL setup relies on: token ids in / out, memory release around training, reproducibility.
     for flag, on in (("--skip-tokenizer-init", skip_tokenizer_init), ("--enable-memory-saver", memory_saver),
                      ("--enable-deterministic-inference", deterministic), ("--skip-server-warmup", skip_warmup)):
@@ -123,7 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-tokenizer", action="store_true", help="do not pass --skip-tokenizer-init")
     s.add_argument("--seed", type=int)
     s.add_argument("--dtype")
-    s.add_argument("--deterministic", action="store_true")
+    s.add_argument("--deterministic", action="store_true", help="--enable-deterministic-inference (seeds honoured)")
+    s.add_argument("--weight-version", default="0", help="version the server starts at (default 0)")
+    s.add_argument("--weight-sync", choices=("disk", "nccl"), default="disk",
+                   help="how the trainer will push weights (nccl refuses --dp > 1)")
     s.add_argument("--skip-warmup", action="store_true")
     s.add_argument("--nnodes", type=int, default=1)
     s.add_argument("--node-rank", type=int, default=0)
@@ -144,20 +168,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_server_environment(environ: Mapping[str, str]) -> None:
+    """ValueError when the environment a server would inherit changes SGLang's log-prob semantics."""
+    if env_flag(environ, LOGPROB_ENV):
+        raise ValueError(f"{LOGPROB_ENV}={environ[LOGPROB_ENV]} makes SGLang return unscaled log-probs, but the "
+                         f"trainer uses log_softmax(logits / T) (rollout/types.py); unset {LOGPROB_ENV}")
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.what == "register":
         register_worker(args.router, args.worker, timeout_s=args.timeout)
         print(f"registered {args.worker} with {args.router}")
         return 0
     if args.what == "server":
-        cmd = server_command(
-            args.model_path, tp=args.tp, dp=args.dp, host=args.host, port=args.port,
-            mem_fraction=args.mem_fraction, memory_saver=args.memory_saver,
-            skip_tokenizer_init=not args.keep_tokenizer, seed=args.seed, dtype=args.dtype,
-            deterministic=args.deterministic, skip_warmup=args.skip_warmup, nnodes=args.nnodes,
-            node_rank=args.node_rank, dist_init_addr=args.dist_init_addr, python=args.python,
-        )
+        try:
+            check_server_environment(os.environ if environ is None else environ)
+            cmd = server_command(
+                args.model_path, tp=args.tp, dp=args.dp, host=args.host, port=args.port,
+                mem_fraction=args.mem_fraction, memory_saver=args.memory_saver,
+                skip_tokenizer_init=not args.keep_tokenizer, seed=args.seed, dtype=args.dtype,
+                deterministic=args.deterministic, skip_warmup=args.skip_warmup, nnodes=args.nnodes,
+                node_rank=args.node_rank, dist_init_addr=args.dist_init_addr, python=args.python,
+                weight_version=args.weight_version, weight_sync=args.weight_sync,
+            )
+        except ValueError as e:
+            print(f"launch: {e}", file=sys.stderr)
+            return 2
     else:
         cmd = router_command(host=args.host, port=args.port, worker_urls=args.worker, policy=args.policy,
                              python=args.python)

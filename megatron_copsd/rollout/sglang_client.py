@@ -1,6 +1,18 @@
 """Rollout engine that drives SGLang servers (or an `sglang_router`) over SGLang's native HTTP API.
 
-No SGLang package is imported: everything goes through `requests` (schema: docs/sglang_api.md).
+No SGLang package is imported: everything goes through `requests` (schema: docs/sglang_api.md, SGLang
+0.5.23, whose request validation is strict: only documented `sampling_params` keys are sent).
+
+Endpoints: `server_urls` are the SGLang servers themselves; `router_url` an optional `sglang_router` for
+generation. The router proxies `/generate`, `/workers`, `/flush_cache` and health but not
+`/pause_generation` or `/update_weights_*`, so weight updates always go to every server directly, and an
+engine given only a router generates but refuses `update_weights` with a message saying why. (Asking the
+router's `GET /workers` for the servers is not done: its answer is not part of the documented contract.)
+
+Start-up: after the health check every server is asked `GET /model_info` and `GET /server_info`
+(`sglang_checks.py`): log-prob semantics (no `--rl-on-policy-target`, no
+`SGLANG_RETURN_ORIGINAL_LOGPROB=1`), deterministic inference when seeds are sent, TP (the NCCL weight
+group's size), no DP/PP replicas for NCCL sync, and the weight version the servers start at.
 
 Generation: the batch is expanded to rows (prompt i, sample j) in prompt-major order -- `n > 1` is sent
 as repeated prompts, not SGLang's `n` parameter, so every row is one entry of a batched `input_ids`
@@ -13,8 +25,13 @@ the caller's fault and fails at once. A response that is malformed, short, or co
 retried as a whole. If any request fails for good, `generate` raises `SGLangError` naming the endpoint,
 the request and the status -- it never returns a partial batch.
 
-Seeds: SGLang has no per-request seed in its documented schema; `send_seed=True` adds
-`sampling_seed` (derived per row from (seed, prompt, sample)) for servers that accept it.
+Seeds: `send_seed=True` adds `sampling_seed` (derived per row from (seed, prompt, sample)) to every row.
+SGLang honours it only when the server runs with `--enable-deterministic-inference` (and silently ignores
+it otherwise), so `send_seed=True` is refused at start-up for servers that do not report that flag.
+
+Weight versions: every row's `meta_info.weight_version` is kept in `Sample.meta["server_weight_version"]`
+and must equal the version of the last weight update (before the first one: what the servers reported at
+start-up); a row from other weights fails the batch (SGLangError).
 
 Log-probs: `output_token_logprobs` of each row, which must follow the convention in `types.py`
 (temperature-scaled, before top-k/top-p; check the SGLang version's behaviour / env settings).
@@ -107,13 +124,18 @@ class SGLangEngine:
         send_seed: bool = False,
         weight_sync: str = "disk",
         weight_version: int = 0,
+        server_tp: int | None = None,
+        check_servers: bool = True,
+        environ: dict | None = None,
         **weight_sync_kwargs,
     ) -> None:
         """`server_urls`: the SGLang servers (weight updates always go to each of them; generation too
-        unless `router_url` is given). `router_url` alone: everything goes to the router.
-        `weight_sync`: "disk" or "distributed"; extra keyword arguments go to the weight syncer
-        (`sglang_weights.DiskWeightSync` / `DistributedWeightSync`), e.g. `shared_dir`, `save_fn`,
-        `gpus_per_server`, `master_address`, `broadcast_fn`."""
+        unless `router_url` is given). `router_url`: generation goes to the router; alone, weight updates
+        are refused (module docstring). `weight_sync`: "disk" or "nccl"; extra keyword arguments go to the
+        weight syncer (`sglang_weights.DiskWeightSync` / `DistributedWeightSync`), e.g. `shared_dir`,
+        `save_fn`, `master_address`, `socket_ifname`, `backend`, `broadcast_fn`. `server_tp`: the TP size
+        the servers must report (rollout.sglang_tp). `check_servers`: run the start-up checks (needs
+        `wait_healthy`); `environ`: the environment they inspect (default `os.environ`)."""
         if isinstance(server_urls, str):
             server_urls = [server_urls]
         servers = [_clean(u) for u in (server_urls or [])]
@@ -123,8 +145,9 @@ class SGLangEngine:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if max_rows_per_request < 1:
             raise ValueError(f"max_rows_per_request must be >= 1, got {max_rows_per_request}")
-        self.server_urls = servers or [_clean(router_url)]
-        self.generate_urls = [_clean(router_url)] if router_url else list(servers)
+        self.router_url = _clean(router_url) if router_url else None
+        self.server_urls = servers
+        self.generate_urls = [self.router_url] if router_url else list(servers)
         self.timeout_s, self.connect_timeout_s = float(timeout_s), float(connect_timeout_s)
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
         self.max_rows_per_request = max_rows_per_request
@@ -137,11 +160,37 @@ class SGLangEngine:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._call_ids = itertools.count()
-        from megatron_copsd.rollout.sglang_weights import make_weight_sync
+        self._expected_version: str | None = None  # what every row's meta_info.weight_version must say
+        self.server_facts: list = []
+        from megatron_copsd.rollout.sglang_weights import WEIGHT_SYNC_KINDS, make_weight_sync
 
-        self.weight_sync = make_weight_sync(weight_sync, self, **weight_sync_kwargs)
+        if weight_sync not in WEIGHT_SYNC_KINDS:
+            raise ValueError(f"weight_sync must be one of {list(WEIGHT_SYNC_KINDS)}, got {weight_sync!r}")
         if wait_healthy:
             self.wait_until_healthy(health_timeout_s)
+            if check_servers and servers:
+                self._check_servers(environ, server_tp, weight_sync)
+        # A router alone cannot take weight updates: update_weights() says so instead.
+        self.weight_sync = make_weight_sync(weight_sync, self, **weight_sync_kwargs) if servers else None
+
+    def _check_servers(self, environ, server_tp, weight_sync) -> None:
+        import os
+
+        from megatron_copsd.rollout.sglang_checks import check_servers, read_server_facts
+
+        self.server_facts = [read_server_facts(self, u) for u in self.server_urls]
+        check_servers(self.server_facts, environ=os.environ if environ is None else environ,
+                      send_seed=self.send_seed, server_tp=server_tp, weight_sync=weight_sync,
+                      expected_version=str(self._weight_version))
+        versions = {f.weight_version for f in self.server_facts}
+        if len(versions) == 1:
+            self._expected_version = versions.pop()
+
+    def router_only_message(self, what: str) -> str:
+        return (f"{what} need every SGLang server's own URL, but only a router was given ({self.router_url}): "
+                "sglang_router proxies /generate, /workers, /flush_cache and health, not /pause_generation or "
+                "/update_weights_*. List the servers in rollout.sglang_urls (the router may stay in "
+                "rollout.sglang_router_url for generation)")
 
     # ------------------------------------------------------------------ HTTP plumbing
     def _session(self) -> requests.Session:
@@ -240,8 +289,17 @@ class SGLangEngine:
             for (i, j), s in zip(chunk, samples):
                 s.weight_version = self._weight_version
                 out[i][j] = s
+        self._check_row_versions([s for per in out for s in per])
         assert all(s is not None for per in out for s in per)
         return out  # type: ignore[return-value]
+
+    def _check_row_versions(self, samples: list[Sample]) -> None:
+        if self._expected_version is None:
+            return
+        wrong = sorted({str(s.meta.get("server_weight_version")) for s in samples} - {self._expected_version})
+        if wrong:
+            raise SGLangError(f"rollout rows came from weight version(s) {wrong}, expected {self._expected_version!r} "
+                              "(a server missed a weight update, or was restarted)")
 
     def _payload(self, rid: str, rows, prompts, params: SamplingParams) -> dict:
         sp: dict[str, Any] = {
@@ -323,12 +381,41 @@ class SGLangEngine:
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Pushes HF-named weights to every server (see `sglang_weights.py`); later samples get `version`."""
+        if self.weight_sync is None:
+            raise SGLangError(self.router_only_message("weight updates"))
         self.weight_sync.update(named_tensors, int(version))
         self._weight_version = int(version)
+        self._expected_version = str(int(version))
 
     def close(self) -> None:
         """Releases the weight-sync resources (e.g. destroys the NCCL group)."""
-        self.weight_sync.close()
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+
+
+def engine_from_config(cfg, *, eos_token_ids: Sequence[int], hf_config, work_dir, environ=None) -> SGLangEngine:
+    """The trainer's SGLang engine from the run config (`cfg.rollout`, `cfg.parallel.backend`).
+
+    disk: checkpoints under `work_dir/weight_sync` (absolute; a shared filesystem). nccl: the weight group
+    uses the trainer's backend (NCCL on GPU, gloo on CPU) on rank 0's device; each server's group size is
+    `rollout.sglang_tp`, checked against what the server reports; the servers dial
+    `rollout.weight_sync_master_address`, else the address of `COPSD_SOCKET_IFNAME`."""
+    import os
+    from pathlib import Path
+
+    environ = os.environ if environ is None else environ
+    r = cfg.rollout
+    if r.weight_sync == "nccl":
+        backend = cfg.parallel.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
+        sync = dict(master_address=r.weight_sync_master_address, socket_ifname=environ.get("COPSD_SOCKET_IFNAME"),
+                    gpus_per_server=r.sglang_tp, backend=backend, device=device,
+                    bucket_bytes=int(r.weight_sync_bucket_mb) << 20)
+    else:
+        sync = dict(shared_dir=str(Path(work_dir).resolve() / "weight_sync"), hf_config=hf_config)
+    return SGLangEngine(r.sglang_urls, router_url=r.sglang_router_url, eos_token_ids=eos_token_ids,
+                        send_seed=r.sglang_deterministic, server_tp=r.sglang_tp, environ=environ,
+                        weight_sync=r.weight_sync, **sync)
 
 
 def _json_or_text(r: requests.Response) -> Any:

@@ -2,16 +2,25 @@
 
 Both run, on every server, `POST /pause_generation` -> load the weights -> `POST /flush_cache` (retried
 while the server answers 400, i.e. requests are still pending) -> `POST /continue_generation` (always,
-also after a failure), then check `GET /get_weight_version` where the server has it.
+also after a failure), then check that `GET /model_info` reports the new `weight_version` (SGLang 0.5.23
+serves the version there; `/get_weight_version` is gone). Every call goes to each server's own URL: an
+`sglang_router` proxies neither `/pause_generation` nor `/update_weights_*`, so an engine that only knows
+a router cannot sync weights and says so.
 
-- `DiskWeightSync`: writes an HF checkpoint (safetensors + config.json) to `shared_dir/weights_v{version}`
-  through a temp dir + rename, then `POST /update_weights_from_disk {"model_path", "weight_version"}` on
-  every server in parallel. `save_fn(state_dict, out_dir)` writes the checkpoint; the trainer passes
+- `DiskWeightSync` (`weight_sync="disk"`): writes an HF checkpoint (safetensors + config.json) to
+  `shared_dir/weights_v{version}` through a temp dir + rename, then `POST /update_weights_from_disk
+  {"model_path", "weight_version"}` on every server in parallel. `model_path` is absolute (each server
+  would resolve a relative one against its own working directory); `shared_dir` must be on a filesystem
+  every server reads. `save_fn(state_dict, out_dir)` writes the checkpoint; the trainer passes
   e.g. `lambda sd, d: save_hf_checkpoint(sd, hf_config, d, tokenizer_dir=...)`; the default writes one
   `model.safetensors` + `config.json` from `hf_config`. Keeps the newest `keep_last` exports.
-- `DistributedWeightSync`: trainer = rank 0 of a group with every server GPU (`world_size = 1 + sum
-  of gpus_per_server`, server k's `rank_offset = 1 + GPUs of servers before it`), created with
-  `/init_weights_update_group` while the trainer joins through `group_init_fn`. Weights go in buckets of
+- `DistributedWeightSync` (`weight_sync="nccl"`): trainer = rank 0 of a group with every server GPU
+  (`world_size = 1 + sum of gpus_per_server`, server k's `rank_offset = 1 + GPUs of servers before it`;
+  SGLang gives its TP rank r the group rank `rank_offset + r`). `gpus_per_server` is each server's
+  `tp_size` from `/server_info` (`sglang_checks.py`; servers with DP or PP replicas are refused there);
+  an explicit value must agree with it. The group is created with `/init_weights_update_group` while the
+  trainer joins through `group_init_fn`; the servers dial `master_address` (`sglang_checks.
+  resolve_master_address`: explicit, else the IPv4 of `socket_ifname`, never loopback for remote servers). Weights go in buckets of
   ~`bucket_bytes` (tensor order preserved): the bucket's `/update_weights_from_distributed {"names",
   "dtypes", "shapes"}` is posted to every server, the trainer broadcasts the tensors in list order from
   rank 0 (`broadcast_fn`), and the next bucket starts only after every server answered (the send buffers
@@ -35,12 +44,15 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 
+WEIGHT_SYNC_KINDS = ("disk", "nccl")
+
+
 def make_weight_sync(kind: str, engine, **kwargs):
     if kind == "disk":
         return DiskWeightSync(engine, **kwargs)
-    if kind == "distributed":
+    if kind == "nccl":
         return DistributedWeightSync(engine, **kwargs)
-    raise ValueError(f"weight_sync must be 'disk' or 'distributed', got {kind!r}")
+    raise ValueError(f"weight_sync must be one of {list(WEIGHT_SYNC_KINDS)}, got {kind!r}")
 
 
 def bucketize(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
@@ -78,6 +90,10 @@ def default_save_fn(hf_config) -> Callable[[dict, Path], None]:
 def paused(engine, *, mode: str = "abort", flush_attempts: int = 60, flush_wait_s: float = 0.5):
     """Pause every server, run the body, flush every cache; continue generation whatever happened."""
     urls = engine.server_urls
+    if not urls:  # a router alone: it does not proxy /pause_generation
+        from megatron_copsd.rollout.sglang_client import SGLangError
+
+        raise SGLangError(engine.router_only_message("pause / flush / weight updates"))
     paused_urls = []
     try:
         for url in urls:
@@ -115,21 +131,14 @@ def _flush_cache(engine, url: str, attempts: int, wait_s: float) -> None:
 
 
 def check_weight_version(engine, version: int) -> None:
-    """Every server reports `version` on GET /get_weight_version (skipped where the endpoint is absent)."""
+    """Every server reports `version` as `weight_version` in GET /model_info; SGLangError otherwise."""
+    from megatron_copsd.rollout.sglang_checks import read_weight_version
     from megatron_copsd.rollout.sglang_client import SGLangError
 
     for url in engine.server_urls:
-        r = engine.request("GET", url, "/get_weight_version", timeout_s=30.0)
-        if r.status_code == 404:
-            warnings.warn(f"{url} has no /get_weight_version; weight version not verified", stacklevel=3)
-            continue
-        try:
-            body = r.json()
-        except ValueError:
-            body = r.text
-        got = body.get("weight_version") if isinstance(body, dict) else body
-        if r.status_code != 200 or str(got) != str(version):
-            raise SGLangError(f"{url}: weight version is {got!r} (HTTP {r.status_code}), expected {version}")
+        got = read_weight_version(engine, url)
+        if got != str(version):
+            raise SGLangError(f"{url}/model_info: weight_version is {got!r} after the update, expected {str(version)!r}")
 
 
 def _parallel(fn, urls):
@@ -143,7 +152,8 @@ class DiskWeightSync:
     def __init__(self, engine, *, shared_dir: str | Path | None = None, save_fn=None, hf_config=None,
                  keep_last: int = 2, pause_mode: str = "abort", load_timeout_s: float = 1800.0) -> None:
         self.engine = engine
-        self.shared_dir = Path(shared_dir) if shared_dir is not None else None
+        # Absolute: the servers run elsewhere, with their own working directories.
+        self.shared_dir = Path(shared_dir).resolve() if shared_dir is not None else None
         if save_fn is None and hf_config is not None:
             save_fn = default_save_fn(hf_config)
         self.save_fn, self.keep_last = save_fn, keep_last
@@ -216,19 +226,31 @@ def _free_port() -> int:
 class DistributedWeightSync:
     """Broadcast group + `/update_weights_from_distributed` in buckets (module docstring)."""
 
-    def __init__(self, engine, *, master_address: str | None = None, master_port: int | None = None,
-                 gpus_per_server: int | list[int] = 1, group_name: str = "copsd_weight_sync",
-                 backend: str = "nccl", bucket_bytes: int = 512 << 20, device: str | None = None,
-                 group_init_fn=None, broadcast_fn=None, group_destroy_fn=None, keep_group: bool = False,
-                 pause_mode: str = "abort", init_timeout_s: float = 600.0) -> None:
+    def __init__(self, engine, *, master_address: str | None = None, socket_ifname: str | None = None,
+                 master_port: int | None = None, gpus_per_server: int | list[int] | None = None,
+                 group_name: str = "copsd_weight_sync", backend: str = "nccl", bucket_bytes: int = 512 << 20,
+                 device: str | None = None, group_init_fn=None, broadcast_fn=None, group_destroy_fn=None,
+                 keep_group: bool = False, pause_mode: str = "abort", init_timeout_s: float = 600.0) -> None:
+        from megatron_copsd.rollout.sglang_checks import resolve_master_address
+
         self.engine = engine
-        n = len(engine.server_urls)
+        urls = engine.server_urls
+        n = len(urls)
+        reported = [f.tp_size for f in getattr(engine, "server_facts", None) or []]
+        if gpus_per_server is None:
+            if len(reported) != n or None in reported:
+                raise ValueError("weight_sync='nccl': the servers' TP sizes are unknown (no tp_size in /server_info); "
+                                 "give gpus_per_server (rollout.sglang_tp)")
+            gpus_per_server = reported
         gpus = [gpus_per_server] * n if isinstance(gpus_per_server, int) else list(gpus_per_server)
         if len(gpus) != n or min(gpus) < 1:
             raise ValueError(f"gpus_per_server: need one positive count per server ({n}), got {gpus_per_server}")
+        for url, want, got in zip(urls, gpus, reported):
+            if got is not None and got != want:
+                raise ValueError(f"gpus_per_server={want} for {url}, but it reports tp_size={got} in /server_info")
         self.rank_offsets = [1 + sum(gpus[:k]) for k in range(n)]
         self.world_size = 1 + sum(gpus)
-        self.master_address = master_address or socket.gethostbyname(socket.gethostname())
+        self.master_address = resolve_master_address(master_address, socket_ifname, urls)
         self.master_port = master_port
         self.group_name, self.backend, self.bucket_bytes = group_name, backend, int(bucket_bytes)
         self.device = device or ("cuda" if backend == "nccl" else "cpu")
