@@ -35,3 +35,25 @@ def test_router_command_and_main(capsys):
     assert main(["server", "--model-path", "/m", "--tp", "2", "--shell"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("python -m sglang.launch_server --model-path /m --tp-size 2")
+
+
+def test_server_command_rl_settings(capsys):
+    """--weight-version 0 by default (SGLang would start at "default"), deterministic inference on request,
+    and refusals for what breaks NCCL sync or the log-prob semantics."""
+    cmd = server_command("/ckpt", python="py")
+    assert cmd[cmd.index("--weight-version") + 1] == "0" and "--enable-deterministic-inference" not in cmd
+    assert "--enable-deterministic-inference" in server_command("/ckpt", deterministic=True)
+    assert "--weight-version" not in server_command("/ckpt", weight_version=None)
+    assert "--dp-size" in server_command("/ckpt", dp=2, weight_sync="disk")
+    with pytest.raises(ValueError, match=r"dp=2: NCCL weight sync needs one server per data-parallel replica"):
+        server_command("/ckpt", dp=2, weight_sync="nccl")
+    with pytest.raises(ValueError, match="rl-on-policy-target changes the returned log-probs"):
+        server_command("/ckpt", extra_args=["--rl-on-policy-target", "fsdp"])
+    assert main(["server", "--model-path", "/m", "--deterministic", "--weight-version", "3", "--shell"],
+                environ={}) == 0
+    line = capsys.readouterr().out
+    assert "--weight-version 3" in line and "--enable-deterministic-inference" in line
+    assert main(["server", "--model-path", "/m"], environ={"SGLANG_RETURN_ORIGINAL_LOGPROB": "true"}) == 2
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB=true makes SGLang return unscaled log-probs" in capsys.readouterr().err
+    assert main(["server", "--model-path", "/m", "--dp", "2", "--weight-sync", "nccl"], environ={}) == 2
+    assert "NCCL weight sync needs one server per data-parallel replica" in capsys.readouterr().err
