@@ -72,9 +72,10 @@ copsd_set_master() {
 copsd_log "root=$COPSD_ROOT python=$COPSD_PYTHON logs=$LOG_DIR nodes=${SLURM_JOB_NODELIST:-?}" \
     "gloo_if=${GLOO_SOCKET_IFNAME:-auto} nccl_if=${NCCL_SOCKET_IFNAME:-auto}"
 
-# Prints "<model.hf_path> <rollout.sglang_tp> <rollout.sglang_mem_fraction>" of the run config given as
-# `copsd train` arguments (--config X.yaml key=value ...), so the SGLang servers serve the same model with
-# the config's own settings and nothing about the model is spelled in bash.
+# Prints "<model.hf_path> <rollout.sglang_tp> <rollout.sglang_mem_fraction> <rollout.weight_sync>
+# <rollout.sglang_deterministic as 0/1>" of the run config given as `copsd train` arguments (--config X.yaml
+# key=value ...), so the SGLang servers serve the same model with the config's own settings and nothing about
+# the model is spelled in bash.
 copsd_rollout_settings() {
     "$COPSD_PYTHON" - "$@" <<'PY'
 import argparse, sys
@@ -82,8 +83,10 @@ from megatron_copsd.config import load_config
 parser = argparse.ArgumentParser()
 parser.add_argument("--config")
 args, overrides = parser.parse_known_args(sys.argv[1:])
-# engine=embedded only to skip the "sglang needs URLs" check: the URLs are what we are about to make.
-cfg = load_config(args.config, [o for o in overrides if "=" in o] + ["rollout.engine=embedded"])
-print(cfg.model.hf_path, cfg.rollout.sglang_tp, cfg.rollout.sglang_mem_fraction)
+# A placeholder server URL only to pass the "sglang needs URLs" check: the URLs are what we are about to make.
+cfg = load_config(args.config, [o for o in overrides if "=" in o]
+                  + ["rollout.engine=sglang", "rollout.sglang_urls=[http://127.0.0.1:1]"])
+r = cfg.rollout
+print(cfg.model.hf_path, r.sglang_tp, r.sglang_mem_fraction, r.weight_sync, int(r.sglang_deterministic))
 PY
 }

@@ -315,7 +315,8 @@ def test_train_sbatch_colocated_sglang_servers(slurm_cluster, tmp_path):
         assert ranks.count(f"GET {url} -> 200") == 2, log  # both ranks reached both servers
     for i in range(2):
         assert re.search(rf"sglang.launch_server --model-path tiny:qwen3 --tp-size 1 .*--port {base + i} .*"
-                         rf"CUDA_VISIBLE_DEVICES={i}$", log, re.M), log
+                         rf"--weight-version 0 .*CUDA_VISIBLE_DEVICES={i}$", log, re.M), log
+    assert "--enable-deterministic-inference" not in log and "weight sync: disk" in log, log
     assert f"sglang_router.launch_router --host 0.0.0.0 --port {router} --worker-urls {urls[0]} {urls[1]}" in log, log
     assert ranks.count(f"GET http://127.0.0.1:{router} -> 200") == 2, log
     # The servers and the router are gone with the job: nothing listens on their ports any more.
@@ -324,3 +325,21 @@ def test_train_sbatch_colocated_sglang_servers(slurm_cluster, tmp_path):
     for port in (base, base + 1, router):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_train_sbatch_refuses_nccl_sync_to_colocated_servers(slurm_cluster, tmp_path):
+    """rollout.weight_sync=nccl (from the config overrides) with COPSD_SGLANG_COLOCATE=1: refused before any
+    server or rank starts (NCCL allows no two ranks of a group on one GPU)."""
+    _need_trainer()
+    name = f"nc-{uuid.uuid4().hex[:6]}"
+    job = _submit_fake(slurm_cluster, tmp_path, name, ["--time=5"],
+                       {"COPSD_SGLANG_COLOCATE": "1", "COPSD_GPUS_PER_NODE": "2", "FAKE_TRAIN_SECONDS": "0"},
+                       ["--config", str(TINY_CONFIG), "rollout.weight_sync=nccl"])
+    info = slurm_cluster.wait(job, timeout=90)
+    refusal = "rollout.weight_sync=nccl cannot reach colocated servers"
+    # The batch step's last output can land in the file just after the job state turns FAILED.
+    _wait_for(lambda: refusal in _job_log(tmp_path, name, job), 20, "the refusal in the job log",
+              lambda: _job_log(tmp_path, name, job))
+    log = _job_log(tmp_path, name, job)
+    assert info["JobState"] == "FAILED", log
+    assert refusal in log and "fake trainer args" not in log, log
