@@ -10,8 +10,9 @@ from megatron_copsd.testing.tiny import make_tiny_hf_model
 from tests.unit.sglang_contract_server import ContractServer
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-# Short timeouts, few retries, tiny back-off: every failure path ends within a second or two.
-FAST = dict(health_timeout_s=5, timeout_s=5, max_retries=2, backoff_s=0.01, connect_timeout_s=1)
+# Few retries, tiny back-off: failure paths end fast. The request timeout is generous so that a loaded shared
+# machine does not turn a slow answer into a retry; tests of timeouts set their own.
+FAST = dict(health_timeout_s=30, timeout_s=30, max_retries=2, backoff_s=0.01, connect_timeout_s=1)
 
 
 @pytest.fixture(scope="module")
