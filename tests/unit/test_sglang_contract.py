@@ -15,6 +15,7 @@ from megatron_copsd.config import config_from_dict
 from megatron_copsd.rollout import sglang_checks
 from megatron_copsd.rollout.sglang_checks import resolve_master_address
 from megatron_copsd.rollout.sglang_client import SGLangEngine, SGLangError, engine_from_config
+from megatron_copsd.rollout.sglang_weights import paused
 from megatron_copsd.rollout.types import SamplingParams
 from tests.unit.sglang_contract_server import ContractRouter, InProcessBroadcast
 from tests.unit.sglang_fixtures import FAST, PROMPTS, after_startup, model_dirs, servers  # noqa: F401
@@ -115,6 +116,9 @@ def test_router_only_config_refuses_weight_sync(servers, model_dirs, tmp_path):
         assert len(engine.generate(PROMPTS, GREEDY)) == 3  # generation through the router works
         with pytest.raises(SGLangError, match=r"only a router was given .*not /pause_generation or /update_weights_\*"):
             engine.update_weights(model_dirs[2].state_dict().items(), version=1)
+        with pytest.raises(SGLangError, match=r"pause / flush / weight updates need every SGLang server's own URL"):
+            with paused(engine):
+                pass
         assert {"/pause_generation", "/update_weights_from_disk"}.isdisjoint(router.paths() + a.paths() + b.paths())
         # The stand-in, like sglang_router, has no such routes; a router listed as a server is caught.
         for path in ("/pause_generation", "/update_weights_from_disk", "/init_weights_update_group"):
