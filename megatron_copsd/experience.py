@@ -183,9 +183,13 @@ def make_train_items(batch: Sequence[PreparedExample], rollouts: Sequence[Rollou
         items.append(TrainItem(p.student_ids, p.teacher_ids, r.response_ids, rollout_logprobs=r.logprobs,
                                advantage=a, index=i))
     stats = rollout_stats(rollouts)
-    if objective == "grpo":
+    if n >= 2 and len(rollouts) % n == 0 and rollouts:
+        # Groups whose samples all got the same reward: GRPO learns nothing from them (logged for every
+        # objective, so a benchmark can show how sparse GRPO's signal would be on the same rollouts).
         groups = rewards.view(-1, n)
-        stats["zero_adv_groups"] = int((groups.max(1).values == groups.min(1).values).sum())
+        zero = int((groups.max(1).values == groups.min(1).values).sum())
+        stats["zero_adv_groups"] = zero
+        stats["zero_adv_share"] = zero / groups.shape[0]
     return items, stats
 
 

@@ -94,6 +94,25 @@ def build_corpus(spec: CorpusSpec) -> Corpus:
     return Corpus(spec, english, parallel, translation, target, rl, evals)
 
 
+def training_signatures(corpus: Corpus) -> frozenset[str]:
+    """Signatures of every problem any training step sees (pretraining pools and the RL pool)."""
+    pools = [corpus.english, corpus.rl] + [ps for d in (corpus.parallel, corpus.translation, corpus.target)
+                                           for ps in d.values()]
+    return frozenset(p.signature() for ps in pools for p in ps)
+
+
+def benchmark_splits(spec: CorpusSpec, num_eval: int, num_dev: int) -> tuple[list[Problem], list[Problem]]:
+    """(eval, dev) problems of the benchmark, drawn from their own seeds so the base-model cache is untouched.
+
+    eval: the generator's eval split (hash-disjoint from every training problem by construction);
+    dev: the generator's train split, i.e. the training distribution, minus every problem of the training
+    pools (`training_signatures`), for choosing settings without looking at eval."""
+    evals = generate_problems(spec.seed * 7919 + 104_729, num_eval, "eval", spec.gen)
+    used = training_signatures(build_corpus(spec))
+    dev = generate_problems(spec.seed * 7919 + 1_299_709, num_dev, "train", spec.gen, exclude=used) if num_dev else []
+    return evals, dev
+
+
 def _lang_name(code: str) -> str:
     if code == LANG_EN:
         return "English"
@@ -199,3 +218,8 @@ def eval_examples(corpus: Corpus, langs: tuple[str, ...] | None = None) -> list[
     """Held-out examples: every eval problem in every language (English first)."""
     langs = langs or (LANG_EN, *corpus.spec.target_langs)
     return [to_example(p, code, "eval") for code in langs for p in corpus.eval]
+
+
+def examples_of(problems: list[Problem], langs: tuple[str, ...], split: str) -> list[dict]:
+    """Every problem in every language of `langs` (in that order), as eval-layer example records."""
+    return [to_example(p, code, split) for code in langs for p in problems]

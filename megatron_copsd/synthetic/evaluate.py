@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -30,6 +30,9 @@ class EvalSettings:
     """Solutions of the easy families are ~40 tokens; the cap bounds runaway generations."""
     seed: int = 1234
     max_batch_size: int = 64
+    sample_problems: Optional[int] = None
+    """Sampled generations only for the first N problems of each language (None: all); greedy covers all.
+    Keeps pass@k / maj@k affordable when the greedy eval set is large."""
 
 
 def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: str,
@@ -57,15 +60,20 @@ def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: 
                    for ex in examples]
     else:
         prompts = [student_prompt(tok, ex["lang"], ex["problem"]).ids for ex in examples]
-    runs = [(True, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0, n=1))]
+    everything = list(range(len(examples)))
+    runs = [(True, everything, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0, n=1))]
     if settings.num_samples > 0:
-        runs.append((False, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                           top_p=settings.top_p, n=settings.num_samples, seed=settings.seed)))
+        seen: dict = {}
+        sampled = [i for i, ex in enumerate(examples)
+                   if settings.sample_problems is None or _count(seen, ex["lang"]) < settings.sample_problems]
+        runs.append((False, sampled, SamplingParams(max_new_tokens=settings.max_new_tokens,
+                                                    temperature=settings.temperature, top_p=settings.top_p,
+                                                    n=settings.num_samples, seed=settings.seed)))
     records = []
     with torch.inference_mode():
-        for greedy, params in runs:
-            outs = engine.generate(prompts, params)
-            for ex, samples in zip(examples, outs):
+        for greedy, subset, params in runs:
+            outs = engine.generate([prompts[i] for i in subset], params)
+            for ex, samples in zip([examples[i] for i in subset], outs):
                 for j, s in enumerate(samples):
                     text = tok.decode(s.response_ids, skip_special_tokens=True)
                     g = grade_math(text, ex["answer"])
@@ -73,9 +81,16 @@ def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: 
                         model=label, lang=ex["lang"], domain=ex.get("domain", "math"), problem_id=str(ex["id"]).rsplit("-", 1)[0],
                         sample_idx=j, greedy=greedy, response=text, extracted=g.extracted, correct=bool(g.correct),
                         formatted=bool(g.formatted), num_tokens=len(s.response_ids)))
-    log(f"  evaluated {label}: {len(examples)} problems x (1 greedy + {settings.num_samples} samples) "
+    n_sampled = len(runs[1][1]) if len(runs) > 1 else 0
+    log(f"  evaluated {label}: {len(examples)} problems greedy, {n_sampled} x {settings.num_samples} samples "
         f"in {time.time() - t0:.0f}s")
     return records
+
+
+def _count(seen: dict, key) -> int:
+    """Returns how often `key` was seen before, and counts this one."""
+    seen[key] = seen.get(key, 0) + 1
+    return seen[key] - 1
 
 
 def greedy_accuracy(records: Sequence, lang: str) -> float:

@@ -1,13 +1,18 @@
 """`copsd synth-bench`: the one-CPU crosslingual benchmark, COPSD vs GRPO vs the sampled-token objective.
 
     copsd synth-bench --mode quick --out runs/synth            # minutes on 2 CPU cores, 1 seed
-    copsd synth-bench --mode full --out runs/synth-full --seeds 0 1 2
+    copsd synth-bench --mode full --out runs/synth-full        # 5 seeds
+    copsd synth-bench --mode quick --tune --out runs/tuned     # settings chosen on the dev split first
 
 Pipeline: data (seeded generator) -> SentencePiece tokenizer -> short Megatron pretraining of a tiny
 Qwen3-style base model (cached by a hash of its settings under `--cache`, default `<out>/../.synth-cache`)
--> evaluate the base -> for every seed and method, a trainer run (`copsd train` with a generated config,
-same budget) -> evaluate each trained model -> report (`<out>/report/report.md` + plots from
-megatron_copsd.eval.report, and `<out>/summary.md` with the side-by-side table and the verdict).
+-> the eval set (`num_eval` problems per language from the generator's eval split, never trained on) and a
+dev split (training distribution minus every training problem) in `<out>/data` -> evaluate the base ->
+optionally tune each method on dev (synthetic/tuning.py) -> for every seed and method, a trainer run
+(`copsd train` with a generated config, same budget) -> evaluate each trained model -> report
+(`<out>/report/report.md` + plots from megatron_copsd.eval.report, and `<out>/summary.md`: accuracy with
+95% intervals, paired bootstrap intervals of every method difference, the verdict, answer script,
+training curves; synthetic/summary.py).
 """
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ from megatron_copsd.synthetic.presets import METHODS, MODES, Mode
 TARGET_LANGS = ("qge", "qva")
 
 
-def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir: Path) -> dict:
-    """The trainer config (nested dict, `megatron_copsd.config` field names) of one method and seed."""
+def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir: Path,
+                   overrides: dict | None = None) -> dict:
+    """The trainer config (nested dict, `megatron_copsd.config` field names) of one method and seed;
+    `overrides`: dotted fields applied last (the settings chosen by tuning)."""
     t = mode.train
     hf = str(base_root / "hf")
     cfg = {
@@ -46,7 +53,7 @@ def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir:
         "eval": {"every": -1},
         "logging": {"tensorboard": False, "progress_bar": False},
     }
-    for dotted, value in mode.extra_overrides.items():
+    for dotted, value in {**mode.extra_overrides, **(overrides or {})}.items():
         node = cfg
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -55,12 +62,12 @@ def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir:
     return cfg
 
 
-def objective_settings(mode: Mode, method: str) -> dict:
+def objective_settings(mode: Mode, method: str, overrides: dict | None = None) -> dict:
     """The objective settings `method` runs with in `mode`, as the trainer resolves them (e.g. the loss
     temperature `auto` -> the rollout temperature); the summary prints them per method."""
     from megatron_copsd.config import config_from_dict
 
-    cfg = config_from_dict(trainer_config(mode, method, 0, Path("base"), Path("run")))
+    cfg = config_from_dict(trainer_config(mode, method, 0, Path("base"), Path("run"), overrides))
     o, r = cfg.objective, cfg.rollout
     out = {"objective": o.name, "lr": cfg.optim.lr, "grad_clip": cfg.optim.clip_grad,
            "rollout_temperature": r.temperature, "samples_per_prompt": r.n}
@@ -116,8 +123,8 @@ def run_trainer(cfg: dict, run_dir: Path, log) -> tuple[Path, float]:
 
 def mode_from_config(path: str | None, mode_name: str | None) -> Mode:
     """The preset named by `mode_name` (or the YAML's `mode`, default quick) with the YAML's overrides:
-    `seeds`, `methods`, `train` (TrainSettings fields), `eval` (EvalSettings fields), `trainer` (dotted
-    trainer-config overrides for every method)."""
+    `seeds`, `methods`, `num_eval`, `num_dev`, `train` (TrainSettings fields), `eval` (EvalSettings
+    fields), `trainer` (dotted trainer-config overrides for every method)."""
     data: dict = {}
     if path is not None:
         import yaml
@@ -125,7 +132,7 @@ def mode_from_config(path: str | None, mode_name: str | None) -> Mode:
         if not Path(path).is_file():
             raise ValueError(f"--config: file {path!r} does not exist")
         data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data) - {"mode", "seeds", "methods", "train", "eval", "trainer"}
+        unknown = set(data) - {"mode", "seeds", "methods", "train", "eval", "trainer", "num_eval", "num_dev"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     name = mode_name or data.get("mode", "quick")
@@ -140,6 +147,9 @@ def mode_from_config(path: str | None, mode_name: str | None) -> Mode:
             if bad:
                 raise ValueError(f"methods: unknown {bad}; choose from {list(METHODS)}")
             mode = dataclasses.replace(mode, methods=tuple(data["methods"]))
+        for key in ("num_eval", "num_dev"):
+            if key in data:
+                mode = dataclasses.replace(mode, **{key: int(data[key])})
         if "train" in data:
             mode = dataclasses.replace(mode, train=dataclasses.replace(mode.train, **data["train"]))
         if "eval" in data:
@@ -161,6 +171,8 @@ def parse_args(argv):
     p.add_argument("--cache", default=None, help="base-model cache folder (default: <out>/../.synth-cache)")
     p.add_argument("--train-steps", type=int, default=None, help="override the mode's trainer steps")
     p.add_argument("--skip-train", action="store_true", help="only build and evaluate the base model")
+    p.add_argument("--tune", action="store_true",
+                   help="first choose each method's lr and main knob on the dev split (6 runs per method)")
     p.add_argument("--jobs", type=int, default=None, help="trainer runs at once (default: min(2, CPU count))")
     p.add_argument("--summary-only", action="store_true",
                    help="re-render <out>/summary.md from <out>/scored_generations.jsonl and summary.json (no runs)")
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve() if args.cache else out.parent / ".synth-cache"
-    summary = bench(mode, out, cache, skip_train=args.skip_train, jobs=args.jobs)
+    summary = bench(mode, out, cache, skip_train=args.skip_train, jobs=args.jobs, tune=args.tune)
     print(f"\n[synth-bench] done in {summary['timings']['total']:.0f}s wall, "
           f"{summary['cpu_seconds']['total']:.0f} CPU-s (load average {_load_average()})")
     for k, v in summary["files"].items():
@@ -191,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=None, jobs: int | None = None) -> dict:
+def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=None, jobs: int | None = None,
+          tune: bool = False) -> dict:
     """Runs the whole benchmark for `mode` into `out`; returns {timings, cpu_seconds, files, rows}.
-    `jobs`: trainer runs (each followed by its eval) at once; default min(2, CPU count)."""
+    `jobs`: trainer runs (each followed by its eval) at once; default min(2, CPU count). `tune`: choose
+    each method's settings on the dev split first (synthetic/tuning.py), then run those on eval."""
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     import torch
 
@@ -221,8 +235,10 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
 
     with stage("base model (data, tokenizer, pretraining)"), _master_port():
         base_root = build_base_model(mode.base, cache, log=log)
-    examples = [json.loads(line) for line in (base_root / "data" / "eval.jsonl").read_text().splitlines()]
+    examples, num_eval = eval_set(mode, base_root, out)
     targets = [e for e in examples if e["lang"] in TARGET_LANGS]
+    if mode.eval.sample_problems is not None:  # the teacher diagnostic: greedy on the sampled subset only
+        targets = _first_per_lang(targets, mode.eval.sample_problems)
 
     def evaluate(hf_dir, label):
         with stage(f"eval {label}"):
@@ -241,6 +257,11 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
     log(f"[eval] teacher(base) with privileged English context: greedy accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in teacher_acc.items()))
     checkpoints = {"base": str(base_root / "hf")}
+    tuning: dict = {}
+    if tune and not skip_train:
+        with stage("tuning on dev"):
+            tuning = tune_on_dev(mode, base_root, out, log)
+    chosen = {m: r["chosen"] for m, r in tuning.items()}
     if not skip_train:
         runs = [(seed, method) for seed in mode.seeds for method in mode.methods]
 
@@ -251,7 +272,8 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
             log(f"[train] {label}: {mode.train.steps} steps x {mode.train.prompts_per_step} prompts x "
                 f"{mode.train.n} rollouts ({run_dir / 'train.log'})")
             t = time.time()
-            hf, child_cpu = run_trainer(trainer_config(mode, method, seed, base_root, run_dir), run_dir, log)
+            hf, child_cpu = run_trainer(trainer_config(mode, method, seed, base_root, run_dir, chosen.get(method)),
+                                        run_dir, log)
             timings[f"train {label}"], cpu[f"train {label}"] = time.time() - t, child_cpu
             t, c = time.time(), time.thread_time()
             recs = evaluate_checkpoint(hf, examples, label=label, settings=mode.eval, log=log)
@@ -278,14 +300,68 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
             "budget": f"{t.steps} steps x {t.prompts_per_step} prompts x {t.n} rollouts, <= {t.max_new_tokens} new tokens",
             "base_model": str(base_root), "checkpoints": checkpoints, "timings": timings, "cpu_seconds": cpu,
             "load_average": _load_average(),
-            "teacher_greedy_accuracy": teacher_acc,
-            "objective_settings": {m: objective_settings(mode, m) for m in mode.methods}}
+            "teacher_greedy_accuracy": teacher_acc, "num_eval": num_eval,
+            "objective_settings": {m: objective_settings(mode, m, chosen.get(m)) for m in mode.methods},
+            "tuning": tuning}
     files = {"summary": str(out / "summary.md"), "metrics": report_files.get("csv", ""),
              "report": report_files.get("markdown", ""), "scored generations": str(out / "scored_generations.jsonl"),
              "base checkpoint": str(base_root / "hf")}
     files.update({f"checkpoint {k}": v for k, v in checkpoints.items() if k != "base"})
-    write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files)
+    write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files, records=records,
+                  run_dirs={k: out / "runs" / k for k in checkpoints if k != "base"})
     return {"timings": timings, "cpu_seconds": cpu, "files": files, "rows": rows}
+
+
+def tune_on_dev(mode: Mode, base_root: Path, out: Path, log) -> dict:
+    """Every method's tuning grid on the first seed, scored by greedy target-language accuracy on dev."""
+    from megatron_copsd.synthetic.evaluate import evaluate_checkpoint
+    from megatron_copsd.synthetic.tuning import grid, tune
+
+    path = out / "data" / "dev.jsonl"
+    if not mode.num_dev or not path.is_file():
+        raise ValueError("--tune needs a dev split: set num_dev (and num_eval) in the mode")
+    dev = [e for e in (json.loads(line) for line in path.read_text().splitlines()) if e["lang"] in TARGET_LANGS]
+    seed = mode.seeds[0]
+
+    def train(method, overrides):
+        run_dir = out / "tune" / f"{method}-{grid(method).index(overrides)}"
+        return run_trainer(trainer_config(mode, method, seed, base_root, run_dir, overrides), run_dir, log)[0]
+
+    def dev_score(hf, method, overrides):
+        recs = evaluate_checkpoint(hf, dev, label=f"dev-{method}", log=log,
+                                   settings=dataclasses.replace(mode.eval, num_samples=0))
+        return sum(r.correct for r in recs) / len(recs)
+
+    return tune(mode.methods, train=train, dev_score=dev_score, log=log)
+
+
+def eval_set(mode: Mode, base_root: Path, out: Path) -> tuple[list[dict], int]:
+    """The eval examples (English and the target languages) and the number of problems per language.
+    With `mode.num_eval`, a large eval set (and a dev set) from their own seeds, written to <out>/data;
+    otherwise the base corpus' eval pool."""
+    from megatron_copsd.synthetic.corpus import benchmark_splits, examples_of, write_jsonl
+    from megatron_copsd.synthetic.generator import LANG_EN
+
+    if not mode.num_eval:
+        examples = [json.loads(line) for line in (base_root / "data" / "eval.jsonl").read_text().splitlines()]
+        return examples, len({e["id"].rsplit("-", 1)[0] for e in examples})
+    evals, dev = benchmark_splits(mode.base.corpus, mode.num_eval, mode.num_dev)
+    langs = (LANG_EN, *TARGET_LANGS)
+    examples = examples_of(evals, langs, "eval")
+    write_jsonl(examples, out / "data" / "eval.jsonl")
+    if dev:
+        write_jsonl(examples_of(dev, langs, "dev"), out / "data" / "dev.jsonl")
+    return examples, len(evals)
+
+
+def _first_per_lang(examples: list[dict], n: int) -> list[dict]:
+    seen: dict = {}
+    out = []
+    for e in examples:
+        seen[e["lang"]] = seen.get(e["lang"], 0) + 1
+        if seen[e["lang"]] <= n:
+            out.append(e)
+    return out
 
 
 def resummarize(out: Path) -> Path:
@@ -296,11 +372,14 @@ def resummarize(out: Path) -> Path:
     for name in ("scored_generations.jsonl", "summary.json"):
         if not (out / name).is_file():
             raise ValueError(f"--summary-only: {out / name} does not exist (run the benchmark first)")
-    rows = compute_metrics(read_scored_generations(out / "scored_generations.jsonl"))
+    records = read_scored_generations(out / "scored_generations.jsonl")
+    rows = compute_metrics(records)
     info = json.loads((out / "summary.json").read_text())["info"]
     files = {"summary": str(out / "summary.md"), "report": str(out / "report" / "report.md"),
              "scored generations": str(out / "scored_generations.jsonl")}
-    return write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files)
+    runs = {p.name: p for p in sorted((out / "runs").glob("*")) if p.is_dir()}
+    return write_summary(rows, out, target_langs=TARGET_LANGS, info=info, report_files=files, records=records,
+                         run_dirs=runs)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,12 @@
-"""The benchmark's own report: a side-by-side table of methods per language (mean and spread over seeds),
-and an honest verdict on COPSD vs GRPO. The per-model Markdown/CSV/PNG details come from
-`megatron_copsd.eval.report.write_report`; this file only adds the cross-method summary on top.
+"""The benchmark's own report: methods side by side per language, with paired bootstrap 95% intervals.
+
+Accuracy of each method is given with its interval (resampling problems and seeds); every pair of methods
+gets the paired difference and its interval (`megatron_copsd.eval.stats`), per language and pooled over the
+target languages, and a winner is named only where the interval excludes 0. The verdict (COPSD vs GRPO on
+the target languages) follows the same rule. Then: the objective settings each method ran with, the share
+of Latin-script answers to target-language prompts, and training curves (rollout accuracy and the share
+of zero-advantage groups per step, with seed bands). The per-model Markdown/CSV/PNG details come from
+`megatron_copsd.eval.report.write_report`.
 """
 from __future__ import annotations
 
@@ -55,28 +61,92 @@ def _cell(stat) -> str:
     return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
 
 
-def verdict(agg: dict, target_langs: Sequence[str]) -> str:
-    """One honest sentence comparing COPSD and GRPO on target-language greedy accuracy."""
-    def mean_over(method):
-        xs = [agg[(method, l)]["accuracy"][0] for l in target_langs if (method, l) in agg]
-        return sum(xs) / len(xs) if xs else None
+def verdict(comparisons: Sequence[dict], target_langs: Sequence[str], a: str = "copsd", b: str = "grpo") -> str:
+    """One sentence on `a` vs `b` over the target languages, from the paired bootstrap interval: a winner
+    only when the 95% interval of the difference excludes 0."""
+    scope = "targets" if len(target_langs) > 1 else target_langs[0]
+    row = next((r for r in comparisons if {r["a"], r["b"]} == {a, b} and r["lang"] == scope), None)
+    if row is None:
+        return f"{a} and {b} were not both run, so this report makes no claim about which is better."
+    diff, lo, hi = row["diff"], row["low"], row["high"]
+    if row["a"] != a:  # orient as a - b
+        diff, lo, hi = -diff, -hi, -lo
+    where = "the target languages (pooled)" if scope == "targets" else scope
+    ci = (f"{a} - {b} = {diff:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] ({row['num_seeds']} seed(s) x "
+          f"{row['num_problems']} problems, paired bootstrap)")
+    caveat = ("" if row["num_seeds"] > 1 else " With one seed the interval covers problem sampling only, not "
+              "training randomness: run `--mode full` (5 seeds) before trusting an ordering.")
+    if row["winner"] is None:
+        return f"No winner on {where}: {ci} contains 0.{caveat}"
+    return f"{row['winner']} wins on {where}: {ci} excludes 0.{caveat}"
 
-    c, g, b = mean_over("copsd"), mean_over("grpo"), mean_over("base")
-    if c is None or g is None:
-        return "COPSD and GRPO were not both run, so this report makes no claim about which is better."
-    seeds = max(agg[("copsd", l)]["accuracy"][2] for l in target_langs if ("copsd", l) in agg)
-    spread = max(agg[(m, l)]["accuracy"][1] for m in ("copsd", "grpo") for l in target_langs if (m, l) in agg)
-    base = f" (base {b:.3f})" if b is not None else ""
-    diff = c - g
-    if seeds < 3:
-        tail = f" from {seeds} seed(s): too few to call a winner; run `--mode full` for >= 3 seeds."
-    elif abs(diff) <= spread:
-        tail = f"; the difference is within the seed spread (std up to {spread:.3f}), so neither method clearly wins here."
-    else:
-        tail = "; the difference exceeds the seed spread."
-    word = "beat" if diff > 0 else ("tied" if diff == 0 else "did not beat")
-    return (f"On the target languages COPSD {word} GRPO: mean greedy accuracy {c:.3f} vs {g:.3f}{base}"
-            f"{tail}")
+
+def _ci(x) -> str:
+    return f"{x.estimate:.3f} [{x.low:.3f}, {x.high:.3f}]"
+
+
+def statistics_sections(records: Sequence, methods: Sequence[str], langs: Sequence[str],
+                        target_langs: Sequence[str], *, num_resamples: int = 10_000) -> tuple[list[str], list[dict]]:
+    """Markdown lines (accuracy with intervals, pairwise differences) and the comparison rows."""
+    from megatron_copsd.eval.stats import compare_methods, method_intervals
+
+    md = ["## Greedy accuracy with 95% intervals", "",
+          "Mean over seeds and problems; interval: bootstrap over problems and seeds. `targets`: the target "
+          "languages pooled per problem.", "", "| lang | " + " | ".join(methods) + " |",
+          "|---|" + "---|" * len(methods)]
+    scopes = [(lang, [lang]) for lang in langs] + ([("targets", list(target_langs))] if len(target_langs) > 1 else [])
+    for name, ls in scopes:
+        cells = [_ci(method_intervals(records, m, ls, num_resamples=num_resamples)) for m in methods]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    comparisons = compare_methods(records, methods, langs=langs, target_langs=target_langs,
+                                  num_resamples=num_resamples)
+    md += ["", "## Paired differences (a - b) with 95% intervals", "",
+           "Same problems, same seeds; a winner is named only where the interval excludes 0.", "",
+           "| a | b | lang | a - b | 95% CI | seeds x problems | winner |", "|---|---|---|---|---|---|---|"]
+    for r in comparisons:
+        md.append(f"| {r['a']} | {r['b']} | {r['lang']} | {r['diff']:+.3f} | [{r['low']:+.3f}, {r['high']:+.3f}] | "
+                  f"{r['num_seeds']} x {r['num_problems']} | {r['winner'] or 'none (CI contains 0)'} |")
+    return md + [""], comparisons
+
+
+def analysis_sections(records: Sequence, methods: Sequence[str], target_langs: Sequence[str],
+                      run_dirs: dict, out_dir: Path) -> tuple[list[str], dict]:
+    """Markdown lines for answer script and training curves; returns (lines, files written)."""
+    from megatron_copsd.synthetic.analysis import plot_learning_curves, script_rates, training_curves
+
+    rates = script_rates(records, target_langs)
+    md = ["## Answer script", "",
+          "Share of greedy answers to target-language prompts written mostly in Latin script (English): the "
+          "grader accepts them, so a method could gain by drifting to English.", "",
+          "| lang | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for lang in target_langs:
+        md.append(f"| {lang} | " + " | ".join(f"{rates[(m, lang)][0]:.3f}" if (m, lang) in rates else "-"
+                                             for m in methods) + " |")
+    md.append("")
+    files = {}
+    curves = training_curves(run_dirs)
+    acc, zero = curves.get("accuracy", {}), curves.get("zero_adv_share", {})
+    if acc:
+        md += ["## Training curves", "",
+               "Per optimizer step, from each run's metrics.jsonl: rollout accuracy (sampled on training "
+               "prompts) and the share of prompts whose samples all got the same reward (zero GRPO advantage). "
+               "Mean over the run's steps, mean over seeds:", "",
+               "| method | rollout accuracy, first step | last step | mean zero-advantage share |", "|---|---|---|---|"]
+        for m in sorted(acc):
+            first = sum(r[0] for r in acc[m]) / len(acc[m])
+            last = sum(r[-1] for r in acc[m]) / len(acc[m])
+            z = [v for r in zero.get(m, []) for v in r]
+            md.append(f"| {m} | {first:.3f} | {last:.3f} | " + (f"{sum(z) / len(z):.3f}" if z else "-") + " |")
+        md.append("")
+        for key, runs, label in (("learning curves", acc, "rollout accuracy (moving average of 4 steps)"),
+                                 ("zero-advantage share", zero, "share of zero-advantage groups")):
+            name = key.replace(" ", "_").replace("-", "_") + ".png"
+            path = plot_learning_curves(runs, out_dir / name, ylabel=label)
+            if path is not None:
+                files[key] = str(path)
+                md.append(f"![{key}]({name})")
+        md.append("")
+    return md, files
 
 
 def settings_table(settings: dict) -> list[str]:
@@ -97,21 +167,28 @@ def settings_table(settings: dict) -> list[str]:
 
 
 def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence[str], info: dict,
-                  report_files: dict) -> Path:
-    """Writes `summary.md` and `summary.json` in `out_dir`; returns the Markdown path."""
+                  report_files: dict, records: Sequence = (), run_dirs: dict | None = None,
+                  num_resamples: int = 10_000) -> Path:
+    """Writes `summary.md` and `summary.json` in `out_dir`; returns the Markdown path. `records`: the scored
+    generations (for the intervals and the script metric); `run_dirs`: label -> trainer run folder (curves)."""
     agg = aggregate(rows)
     methods = list(dict.fromkeys(method_of(r["model"]) for r in rows))
     langs = list(dict.fromkeys(r["lang"] for r in rows))
+    stats_md, comparisons = statistics_sections(records, methods, langs, target_langs,
+                                                num_resamples=num_resamples) if records else ([], [])
+    word = verdict(comparisons, target_langs)
     md = [f"# Synthetic crosslingual benchmark ({info.get('mode')} mode)", "",
           "Problems: seeded multi-step arithmetic word problems; target languages are *synthetic* constructed "
           "languages written in the Ge'ez (qge) and Vai (qva) scripts (see megatron_copsd/synthetic/languages.py), "
           "English (eng) is the high-resource language. Every method: same base model, training problems, "
-          f"seeds {list(info.get('seeds', []))} and rollout budget ({info.get('budget')}).", "",
-          "**Verdict:** " + verdict(agg, target_langs), ""]
+          f"seeds {list(info.get('seeds', []))} and rollout budget ({info.get('budget')}). "
+          f"Eval: {info.get('num_eval', '?')} problems per language from the generator's eval split (never "
+          "trained on).", "", "**Verdict:** " + word, ""]
     if info.get("teacher_greedy_accuracy"):
         md += ["COPSD teacher check (base model, teacher prompt with the English problem and solution, greedy): "
                + ", ".join(f"{k} {v:.3f}" for k, v in info["teacher_greedy_accuracy"].items())
                + ". COPSD can only help where this teacher is better than the base student.", ""]
+    md += stats_md
     ks = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("pass@")})
     metrics = list(HEADLINE) + ([f"pass@{ks[-1]}", f"maj@{ks[-1]}"] if ks else [])
     for metric in metrics:
@@ -121,6 +198,13 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
             md.append(f"| {lang} | " + " | ".join(_cell(agg.get((m, lang), {}).get(metric)) for m in methods) + " |")
         md.append("")
     md += settings_table(info.get("objective_settings") or {})
+    from megatron_copsd.synthetic.tuning import tuning_table
+
+    md += tuning_table(info.get("tuning") or {})
+    if records:
+        analysis_md, plots = analysis_sections(records, methods, target_langs, run_dirs or {}, out_dir)
+        md += analysis_md
+        report_files = {**report_files, **plots}
     cpu = info.get("cpu_seconds", {})
     md += ["## Notes: what was tried", ""] + [f"- {n}" for n in RECIPE_NOTES] + [""]
     md += ["## Timing", "", f"Wall seconds (CPU seconds of this process and its trainer runs); load average at the end "
@@ -132,7 +216,7 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(md), encoding="utf-8")
     tmp.replace(path)
-    js = {"info": info, "verdict": verdict(agg, target_langs),
+    js = {"info": info, "verdict": word, "comparisons": comparisons,
           "aggregate": [{"method": m, "lang": l, **{k: {"mean": v[0], "std": v[1], "num_seeds": v[2]}
                                                      for k, v in stats.items()}}
                         for (m, l), stats in sorted(agg.items())]}

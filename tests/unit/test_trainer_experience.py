@@ -43,7 +43,9 @@ def test_make_train_items_grpo_advantages_and_stats():
     assert items[0].advantage == pytest.approx(1.0, abs=1e-5) and items[1].advantage == pytest.approx(-1.0, abs=1e-5)
     assert items[2].advantage == 0.0 and items[2].teacher_prompt == [1, 9, 9, 4]
     assert stats["reward"] == 0.25 and stats["format_rate"] == 0.75 and stats["truncated_frac"] == 0.25
-    assert stats["response_len"] == 1.5 and stats["zero_adv_groups"] == 1
+    assert stats["response_len"] == 1.5 and stats["zero_adv_groups"] == 1 and stats["zero_adv_share"] == 0.5
+    _, copsd_stats = make_train_items(batch, ro, objective="copsd", n=2)  # logged for every objective
+    assert copsd_stats["zero_adv_groups"] == 1 and copsd_stats["zero_adv_share"] == 0.5
 
 
 def test_metrics_truncate_on_resume(tmp_path):
