@@ -16,15 +16,23 @@ munged (if any) is neither used nor disturbed. Client commands find the cluster 
 `SLURM_CONF` in `cluster.env`. Teardown cancels the jobs, then stops exactly the three daemons this
 module started, by pid (they run in the foreground, so the pid is the daemon's own).
 
+Teardown also runs when pytest is interrupted: SIGINT reaches the fixture's `finally` (pytest tears down
+session fixtures on KeyboardInterrupt), SIGTERM / SIGHUP are caught while a cluster is live (daemons
+stopped, then the previous handler or the default action), `atexit` covers other exits, and each daemon
+gets PR_SET_PDEATHSIG (SIGTERM) so it also goes when the test process is SIGKILLed.
+
 Missing packages are installed with apt-get (`apt-get update` first, root only); the fixture skips
 with the reason when that is impossible.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +45,50 @@ import pytest
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged")
 PARTITION = "debug"
+
+
+_LIVE: list["SlurmCluster"] = []  # clusters whose daemons may be running
+_PREVIOUS_HANDLERS: dict[int, object] = {}
+
+
+def _stop_live_clusters() -> None:
+    for cluster in list(_LIVE):
+        cluster.stop()
+
+
+def _on_termination(signum, frame) -> None:
+    """SIGTERM / SIGHUP while a cluster is live: stop its daemons, then act as the signal would have."""
+    _stop_live_clusters()
+    previous = _PREVIOUS_HANDLERS.pop(signum, signal.SIG_DFL)
+    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        os.kill(os.getpid(), signum)
+
+
+def _install_cleanup() -> None:
+    if threading_main():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if sig not in _PREVIOUS_HANDLERS:
+                _PREVIOUS_HANDLERS[sig] = signal.signal(sig, _on_termination)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+atexit.register(_stop_live_clusters)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the daemons: SIGTERM when the process that started them dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:
@@ -173,8 +225,8 @@ class SlurmCluster:
         out = out or self.root / f"{name}.out"
         ids = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         with open(out, "wb") as f:
-            self.procs[name] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                                env=self.env, start_new_session=True, **ids)
+            self.procs[name] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True, preexec_fn=_die_with_parent, **ids)
 
     def _wait_for(self, pred, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -204,7 +256,9 @@ class SlurmCluster:
 
     # ---- teardown ----------------------------------------------------------------------------
     def stop(self) -> None:
-        """Cancel remaining jobs, then stop exactly the daemons started here (by pid)."""
+        """Cancel remaining jobs, then stop exactly the daemons started here (by pid). Idempotent."""
+        if self in _LIVE:
+            _LIVE.remove(self)
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", f"--partition={PARTITION}"], check=False)
             deadline = time.monotonic() + 20  # let slurmd reap the jobs' steps before it goes
@@ -263,6 +317,8 @@ class SlurmCluster:
 def start_cluster(root: Path | None = None) -> SlurmCluster:
     cluster = SlurmCluster(Path(root or tempfile.mkdtemp(prefix="copsd-slurm-")))
     os.chmod(cluster.root, 0o755)  # munged (user munge) must traverse into its subdir
+    _LIVE.append(cluster)
+    _install_cleanup()
     try:
         cluster.start()
     except BaseException:
