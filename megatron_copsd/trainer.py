@@ -371,7 +371,7 @@ class Trainer:
         return result
 
     def finish(self) -> dict:
-        from megatron_copsd.checkpoint.convert import gather_hf_state_dict, save_hf_checkpoint
+        from megatron_copsd.checkpoint.hf_export import export_hf_streaming
 
         cfg = self.cfg
         self.ckpt_writer.wait()
@@ -381,10 +381,10 @@ class Trainer:
             self.ckpt_writer.wait()
         hf_out = None
         if cfg.checkpoint.export_hf:
-            state = gather_hf_state_dict(self.policy.model, self.hf_config) if self.info.dp_rank == 0 else None
             hf_out = self.out / "hf"
-            if self.rank == 0:
-                save_hf_checkpoint(state, self.hf_config, hf_out, tokenizer_dir=cfg.model.tokenizer_path or self.hf_dir)
+            if self.info.dp_rank == 0:  # one replica; each stage streams its shards, nothing gathered whole
+                export_hf_streaming(self.policy.model, self.hf_config, hf_out,
+                                    tokenizer_dir=cfg.model.tokenizer_path or self.hf_dir)
         if cfg.eval.every >= 0:
             self.evaluate()
         if dist.is_initialized():

@@ -175,7 +175,6 @@ def hf_to_megatron(hf_state: dict, hf_config, *, tp_rank: int = 0, tp_size: int 
 
 def _stage_to_hf(tp_states: list[dict], hf_config, pp_rank: int, pp_size: int) -> dict[str, torch.Tensor]:
     offset, _ = _layer_offset(hf_config, pp_rank, pp_size)
-    nh, ng, hd = hf_config.num_attention_heads, num_kv_heads(hf_config), head_dim(hf_config)
     tied = getattr(hf_config, "tie_word_embeddings", False)
     expected = set(megatron_names(hf_config, pp_rank=pp_rank, pp_size=pp_size))
     out = {}
@@ -190,24 +189,29 @@ def _stage_to_hf(tp_states: list[dict], hf_config, pp_rank: int, pp_size: int) -
     for name in sorted(expected):
         if tied and name == "output_layer.weight":
             continue  # a replica of the embedding (exported from stage 0)
-        hf_names, layout = hf_maps.hf_names_for(name, hf_config, offset)
-        shards = [s[name].detach().cpu() for s in local]
-        if layout == "replicated":
-            tensors = (shards[0].clone(),)
-        elif layout == "row":
-            tensors = (torch.cat(shards, dim=1),)
-        elif layout == "column":
-            tensors = (torch.cat(shards, dim=0),)
-        elif layout == "vocab":
-            tensors = (hf_maps.vocab_to_hf(shards, hf_config.vocab_size),)
-        elif layout == "qkv":
-            tensors = hf_maps.qkv_to_hf(shards, num_heads=nh, num_groups=ng, head_dim=hd)
-        elif layout == "gate_up":
-            tensors = hf_maps.gate_up_to_hf(shards)
-        else:  # pragma: no cover
-            raise AssertionError(layout)
-        out.update(zip(hf_names, tensors))
+        out.update(_name_to_hf(name, [s[name].detach().cpu() for s in local], hf_config, offset))
     return out
+
+
+def _name_to_hf(name: str, shards: list, hf_config, offset: int) -> dict[str, torch.Tensor]:
+    """HF tensor(s) of one Megatron parameter from its TP shards (in TP-rank order)."""
+    nh, ng, hd = hf_config.num_attention_heads, num_kv_heads(hf_config), head_dim(hf_config)
+    hf_names, layout = hf_maps.hf_names_for(name, hf_config, offset)
+    if layout == "replicated":
+        tensors = (shards[0].clone(),)
+    elif layout == "row":
+        tensors = (torch.cat(shards, dim=1),)
+    elif layout == "column":
+        tensors = (torch.cat(shards, dim=0),)
+    elif layout == "vocab":
+        tensors = (hf_maps.vocab_to_hf(shards, hf_config.vocab_size),)
+    elif layout == "qkv":
+        tensors = hf_maps.qkv_to_hf(shards, num_heads=nh, num_groups=ng, head_dim=hd)
+    elif layout == "gate_up":
+        tensors = hf_maps.gate_up_to_hf(shards)
+    else:  # pragma: no cover
+        raise AssertionError(layout)
+    return dict(zip(hf_names, tensors))
 
 
 def megatron_to_hf(states_by_pp_tp: list[list[dict]], hf_config) -> dict[str, torch.Tensor]:
