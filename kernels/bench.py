@@ -9,9 +9,16 @@ CPU: wall time of forward+backward (median of --repeat after one warm-up) and pe
 building the inputs. GPU: CUDA events, forward and backward separately (median of --repeat >= 20 after
 warm-up), TFLOP/s on the 4-GEMM count (student logits, teacher logits, dH, dW = 8 T H V FLOP), peak
 allocated memory minus the inputs, max per-token error vs float64 on the first 256 tokens.
-Implementations: fused (triton on GPU, chunked on CPU), chunked, naive (fp32 materialized logits, the
+Implementations: fused (triton on GPU -- store mode under the default memory budget -- chunked on CPU),
+recompute (the Triton recompute mode), chunked, naive (fp32 materialized logits, the
 reference module), refcode (the COPSD reference code's loss: generalized JSD on materialized logits),
-liger / liger_compile (LigerFusedLinearJSDLoss, eager / torch.compile; JSD only, skipped if not installed).
+liger / liger_compile (LigerFusedLinearJSDLoss, eager / torch.compile; JSD only, skipped if not installed),
+floor (the 4-GEMM floor: four plain matmuls of the fused path's shapes -- student logits, teacher logits,
+dH = dZ W, dW = dZ^T H -- and nothing else; the CPU speed target is chunked <= 1.15x floor).
+--rounds N repeats the whole list of implementations N times, interleaved (a, b, a, b, ...), so a shared
+machine's load drifts onto every implementation alike; the summary then shows the median over rounds.
+--model prints the roofline model (kernels/roofline.py) instead of running anything on CPU; on a GPU it
+runs the cases and prints measured next to predicted.
 Writes <out-dir>/bench_<device>.csv (with the device name) and a PNG plot; progress goes to stderr.
 """
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 
 import torch
 
-IMPLS = ("fused", "chunked", "naive", "refcode", "liger", "liger_compile")
+IMPLS = ("fused", "recompute", "chunked", "naive", "refcode", "liger", "liger_compile", "floor")
 GPU_SHAPES = [(t, h, 151936) for t in (4096, 8192, 16384) for h in (2560, 4096)]
 
 
@@ -50,12 +57,15 @@ def _loss_fn(impl, args, device):
     from copsd_kernels import reference as ref
 
     kw = dict(divergence=args.divergence, beta=args.beta, temperature=args.tau, token_clip=args.clip)
-    if impl in ("fused", "chunked"):
-        which = "auto" if impl == "fused" else "chunked"
+    if impl in ("fused", "chunked", "recompute"):
+        which = {"fused": "auto", "chunked": "chunked", "recompute": "triton"}[impl]
+        extra = dict(mode="recompute") if impl == "recompute" else {}
+        if impl == "fused" and args.memory_budget is not None:
+            extra["memory_budget"] = int(args.memory_budget)
 
         def f(hs, ht, w, mask):
             lw = mask.float() / mask.sum().clamp_min(1)
-            out = copsd_kernels.fused_linear_divergence(hs, ht, w, loss_weight=lw, impl=which, **kw)
+            out = copsd_kernels.fused_linear_divergence(hs, ht, w, loss_weight=lw, impl=which, **kw, **extra)
             return out.loss, out.per_token
         return f
     if impl == "naive":
@@ -72,6 +82,15 @@ def _loss_fn(impl, args, device):
                                                token_clip=args.clip, mask=mask)
             return loss, None
         return f
+    if impl == "floor":
+        def f(hs, ht, w, mask):
+            # the fused path's four GEMMs at the same shapes and dtype, gradients set by hand
+            dz = torch.mm(hs.detach(), w.detach().T)  # student logits
+            torch.mm(ht, w.detach().T, out=torch.empty_like(dz))  # teacher logits
+            hs.grad = torch.mm(dz, w.detach())  # dH = dZ W
+            w.grad = torch.mm(dz.T, hs.detach())  # dW = dZ^T H
+            return _NoBackward(), None
+        return f
     if impl in ("liger", "liger_compile"):
         if args.divergence != "jsd" or args.clip is not None:
             raise NotImplementedError("Liger's fused linear JSD has no clip and only the JSD family")
@@ -85,6 +104,13 @@ def _loss_fn(impl, args, device):
             return mod(hs, w, ht, w.detach(), labels), None
         return f
     raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+class _NoBackward:
+    """The floor computes its gradients in the forward; `backward()` is a no-op."""
+
+    def backward(self):
+        return None
 
 
 def _rss():
@@ -101,6 +127,8 @@ def _worker(args) -> dict:
     """One (case, impl) measurement inside this process."""
     device = "cuda" if args.mode == "gpu" else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hs, ht, w, mask = _inputs(args.T, args.H, args.V, device, dtype)
     f = _loss_fn(args.impl, args, device)
@@ -174,6 +202,10 @@ def _run_case(args, impl, T, H, V) -> dict | None:
            "--tau", str(args.tau), "--dtype", args.dtype, "--repeat", str(args.repeat), "--warmup", str(args.warmup)]
     if args.clip is not None:
         cmd += ["--clip", str(args.clip)]
+    if args.memory_budget is not None:
+        cmd += ["--memory-budget", str(args.memory_budget)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     print(f"[bench] {impl:14s} T={T} H={H} V={V} {args.divergence} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -214,10 +246,33 @@ def _write_outputs(rows, out_dir, device):
     return path
 
 
+def _median_over_rounds(runs):
+    """One row per (impl, shape): the median of every timing over the interleaved rounds (and the max of
+    the peak memory); `rounds` says how many went in."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["impl"], r["T"], r["H"], r["V"]), []).append(r)
+    rows = []
+    for rs in groups.values():
+        row = dict(rs[0], rounds=len(rs))
+        for k in ("fwd_bwd_s", "cpu_s", "fwd_s", "bwd_s", "tflops"):
+            if k in row:
+                row[k] = statistics.median(x[k] for x in rs)
+        row["peak_mem_gb"] = max(x["peak_mem_gb"] for x in rs)
+        rows.append(row)
+    return rows
+
+
 def _ratios(row, rows) -> str:
     """'vs naive' and 'vs liger_compile' (the best public CPU peer) factors for the same shape, when run:
-    >1 means `row` is that many times faster (wall; CPU seconds in brackets) / smaller in peak memory."""
+    >1 means `row` is that many times faster (wall; CPU seconds in brackets) / smaller in peak memory;
+    'floor': how many times the 4-GEMM floor's time `row` takes (the CPU target is <= 1.15)."""
     out = []
+    fl = next((r for r in rows if r["impl"] == "floor" and (r["T"], r["H"], r["V"]) ==
+               (row["T"], row["H"], row["V"])), None)
+    if fl is not None and fl is not row:
+        cpu = f" ({row['cpu_s'] / fl['cpu_s']:.3f}x CPU-s)" if "cpu_s" in row and "cpu_s" in fl else ""
+        out.append(f"{row['fwd_bwd_s'] / fl['fwd_bwd_s']:.3f}x the 4-GEMM floor{cpu}")
     for other in ("naive", "liger_compile"):
         b = next((r for r in rows if r["impl"] == other and (r["T"], r["H"], r["V"]) ==
                   (row["T"], row["H"], row["V"])), None)
@@ -227,6 +282,24 @@ def _ratios(row, rows) -> str:
         out.append(f"vs {other}: {b['fwd_bwd_s'] / row['fwd_bwd_s']:.2f}x faster{cpu}, "
                    f"{b['peak_mem_gb'] / max(row['peak_mem_gb'], 1e-9):.1f}x less memory")
     return ("  " + "; ".join(out)) if out else ""
+
+
+def _print_model(args, gpu) -> int:
+    """--model: the roofline prediction at one shape (default the headline T=16384, H=4096, V=151,936); on a
+    GPU the fused implementation (store and recompute modes), naive and liger run too and their measured
+    fwd+bwd time is printed next to the prediction."""
+    from . import roofline
+    T, H, V = args.T or 16384, args.H or 4096, args.V or 151936
+    eff = roofline.Efficiency(**{k: v for k, v in (("gemm", args.gemm_eff), ("hbm", args.hbm_eff)) if v})
+    measured = {}
+    if gpu:
+        for name, impl in (("store", "fused"), ("recompute", "recompute"), ("naive", "naive"), ("liger", "liger")):
+            row = _run_case(args, impl, T, H, V)
+            if row:
+                measured[name] = row["fwd_bwd_s"]
+    print(roofline.report(T, H, V, args.divergence, eff=eff, tp=args.tp, memory_budget=args.memory_budget,
+                          measured=measured))
+    return 0
 
 
 def _parser():
@@ -243,7 +316,17 @@ def _parser():
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"))
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="repeat the implementation list, interleaved")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per worker (1 on a shared machine: idle threads spin at barriers)")
     p.add_argument("--out-dir", default="bench_out")
+    p.add_argument("--model", action="store_true",
+                   help="print the roofline model (FLOPs, HBM bytes, predicted time on H100/H200 per pass); "
+                        "with --mode gpu also run the cases and print measured next to predicted")
+    p.add_argument("--tp", type=int, default=1, help="--model: tensor-parallel size (V_local = V / tp)")
+    p.add_argument("--memory-budget", type=float, default=None, help="store-mode budget in bytes per rank")
+    p.add_argument("--gemm-eff", type=float, default=None, help="--model: cuBLAS fraction of peak (0.80)")
+    p.add_argument("--hbm-eff", type=float, default=None, help="--model: streaming fraction of HBM peak (0.85)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     return p
@@ -261,6 +344,8 @@ def main(argv=None) -> int:
         return 0
     if gpu and not torch.cuda.is_available():
         raise ValueError("--mode gpu needs a CUDA device")
+    if args.model:
+        return _print_model(args, gpu)
     if gpu and args.repeat < 20:
         print("[bench] warning: the protocol asks for --repeat >= 20 on GPU", file=sys.stderr)
     impls = args.impls.split(",") if args.impls else list(IMPLS)
@@ -268,7 +353,9 @@ def main(argv=None) -> int:
         if impl not in IMPLS:
             raise ValueError(f"--impls: unknown implementation {impl!r}; choose from {IMPLS}")
     shapes = [(args.T, args.H, args.V)] if args.T else (GPU_SHAPES if gpu else [(4096, 256, 32768)])
-    rows = [r for shape in shapes for impl in impls if (r := _run_case(args, impl, *shape))]
+    runs = [r for _ in range(args.rounds) for shape in shapes for impl in impls
+            if (r := _run_case(args, impl, *shape))]
+    rows = _median_over_rounds(runs)
     if not rows:
         print("[bench] no case ran", file=sys.stderr)
         return 1

@@ -39,7 +39,9 @@ def _group(name: str):
 
 
 def _divergence_module(impl: str):
-    if impl == "triton":
+    if impl == "store":
+        from . import divergence_store as mod
+    elif impl == "triton":
         from . import divergence_triton as mod
     else:
         from . import chunked as mod
@@ -68,8 +70,14 @@ def divergence_fwd_bwd(hs: Tensor, ht: Tensor, w: Tensor, tw: Tensor, loss_weigh
     return per_token, _placeholder(dhs, hs), _placeholder(dw, w)
 
 
-def _workspace_rows(impl: str, num_t: int, num_local: int, chunk_size) -> list[tuple[int, torch.dtype, bool]]:
+def _workspace_rows(impl: str, num_t: int, num_local: int, chunk_size,
+                    memory_budget=None) -> list[tuple[int, torch.dtype, bool]]:
     """(rows, dtype, uses_input_dtype) of the [rows, nv] buffers the implementation holds at its peak."""
+    if impl == "store":  # the chunk's fp32 student + teacher logits and its dZ in the input dtype
+        from .divergence_store import store_chunk_tokens
+
+        tc = int(chunk_size) if chunk_size else store_chunk_tokens(num_t, num_local, torch.bfloat16, memory_budget)
+        return [(2 * tc, torch.float32, False), (tc, torch.float32, True)]
     if impl == "triton":
         from .divergence_triton import CHUNK_TOKENS
 
@@ -88,9 +96,10 @@ def _divergence_fake(hs, ht, w, tw, loss_weight, impl, group, opts_json, need_dh
     stats = hs.new_empty(num_t, 8, dtype=torch.float32)  # per-token statistics (gathered over TP)
     dhs = hs.new_empty(hs.shape, dtype=torch.float32) if need_dh else hs.new_empty(0, dtype=torch.float32)
     dw = w.new_empty(w.shape, dtype=torch.float32) if need_dw else w.new_empty(0, dtype=torch.float32)
-    if nv > 0 and (need_dh or need_dw or impl != "triton"):
+    if nv > 0 and (need_dh or need_dw or impl != "triton"):  # store mode keeps its logits even without grads
         bufs = [hs.new_empty(rows, nv, dtype=hs.dtype if own else dt)
-                for rows, dt, own in _workspace_rows(impl, num_t, w.shape[0], opts.get("chunk_size"))]
+                for rows, dt, own in _workspace_rows(impl, num_t, w.shape[0], opts.get("chunk_size"),
+                                                     opts.get("memory_budget"))]
         del bufs  # transient: freed before the op returns, as in the real kernel
     del stats
     return per_token, dhs, dw

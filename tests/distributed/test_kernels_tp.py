@@ -1,6 +1,7 @@
 """Vocab-parallel kernels in 2 real gloo processes: the weight is split over ranks (last shard padded), and
 per-token values, the full student-hidden gradient and each rank's weight-grad slice must equal the
-single-process float64 reference. Covers the chunked path and the float64 reference's own TP mode."""
+single-process float64 reference. Covers the chunked path, the Triton store mode (interpreted) and the float64
+reference's own TP mode."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -44,7 +45,8 @@ def _one_divergence(rank, divergence, beta, impl, clip):
     kw = dict(divergence=divergence, beta=beta, temperature=1.1, token_clip=clip, loss_weight=lw,
               tp_group=dist.group.WORLD, vocab_start=rank * V_LOCAL, valid_vocab=VALID)
     fn = ref.fused_linear_divergence if impl == "reference" else fused_linear_divergence
-    extra = {} if impl == "reference" else dict(impl=impl, chunk_size=8)
+    extra = ({} if impl == "reference" else dict(impl="triton", mode="store", chunk_size=8) if impl == "store"
+             else dict(impl=impl, chunk_size=8))
     out = fn(hs_, ht, w_, teacher_weight=tw[sl], **kw, **extra)
     (out.loss * 1.3).backward()
     return _plain(out.loss.detach(), out.per_token, hs_.grad, w_.grad)
@@ -76,8 +78,10 @@ def _single_process_reference(divergence, beta):
     return clip, loss, pt, ghs * 1.3 / 1.7, gw * 1.3 / 1.7
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference"])
-def test_divergence_tp2_matches_single_process(impl):
+@pytest.mark.parametrize("impl", ["chunked", "reference", "store"])
+def test_divergence_tp2_matches_single_process(impl, monkeypatch):
+    if impl == "store":  # Triton store mode under the interpreter in the spawned ranks (env is inherited)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     refs = [_single_process_reference(divergence, beta) for divergence, beta in KINDS]
     by_rank = run_distributed(_divergence_rank, 2, args=(impl, [r[0] for r in refs]), timeout=240)
     for k, (clip, loss, pt, ghs, gw) in enumerate(refs):

@@ -1,23 +1,55 @@
-"""Every Triton kernel x autotune configuration compiles ahead of time for Hopper (sm_90, no GPU needed):
-the GEMM tiles use wgmma, shared memory fits 227 KB and `ptxas -v` reports no register spills."""
+"""Every Triton kernel x shipped configuration compiles ahead of time for Hopper (sm_90a, no GPU needed),
+specialized exactly as a launch at the headline shape would be (kernels/aot.py runs triton's own JIT
+binder on the launch arguments): 0 register spills, shared memory within 227 KB, wgmma with N >= 128 on
+the GEMM-like kernels, 64-bit row offsets in the store-mode row kernels. Registers / shared memory per
+config are printed (pytest -s). What this cannot prove: speed, or that the driver will schedule the cubin
+as ptxas predicts."""
 import pytest
+import torch
 
 pytestmark = pytest.mark.kernels
 
 aot = pytest.importorskip("copsd_kernels.aot", reason="triton is not installed")
-# ~5 s per compile + ptxas here: the first config of every kernel runs by default, the rest are marked slow.
-CASES = [pytest.param(name, fn, cfg, extra, marks=[pytest.mark.slow] if i else [],
-                      id=f"{name}-T{cfg['BLOCK_T']}V{cfg['BLOCK_V']}H{cfg['BLOCK_H']}w{cfg['num_warps']}")
-         for name, fn, cfgs, extra in aot.VARIANTS for i, cfg in enumerate(cfgs)]
+# ~3-10 s per compile + ptxas here: the first config of every kernel runs by default, the rest are slow.
+CASES = [pytest.param(v, cfg, marks=[pytest.mark.slow] if i else [],
+                      id=f"{v[0]}-" + "x".join(str(x) for k, x in cfg.items() if k.startswith("BLOCK"))
+                         + f"w{cfg['num_warps']}s{cfg['num_stages']}")
+         for v in aot.VARIANTS for i, cfg in enumerate(v[2])]
 
 
-@pytest.mark.parametrize("name,fn,cfg,extra", CASES)
-def test_kernel_config_compiles_for_hopper(name, fn, cfg, extra):
+@pytest.mark.parametrize("variant,cfg", CASES)
+def test_shipped_config_compiles_for_hopper(variant, cfg):
     if aot.ptxas_path() is None:
         pytest.skip("the triton wheel ships no ptxas: cannot compile or count registers")
-    r = aot.compile_variant(name, fn, cfg, extra)
-    assert r.wgmma, f"{name} {r.config}: no wgmma in the PTX (GEMM tiles not on Hopper tensor cores)"
-    assert r.shared_bytes <= aot.SHARED_LIMIT, f"{name} {r.config}: {r.shared_bytes} B shared memory"
-    assert r.registers is not None and r.spill_bytes is not None, "could not parse ptxas -v output"
-    assert r.spill_bytes == 0, f"{name} {r.config}: {r.spill_bytes} bytes of register spills"
+    name, fn, _, extra, make_args, gemm = variant
+    r = aot.compile_variant(name, fn, cfg, extra, make_args, gemm)
+    print(f"\n{aot.format_table([r])}")
+    assert r.problems() == [], f"{name} {r.config}: {r.problems()}"
     assert r.num_warps == cfg["num_warps"]
+    assert r.divisible_args >= 5, "the launch specialization (tt.divisibility=16) was not applied"
+    if gemm:
+        assert r.min_wgmma_n >= aot.MIN_WGMMA_N
+    else:  # store-mode row kernels: int64 row offsets (T_c x V_local can exceed 2^31 elements)
+        assert r.int64_offsets, "row offsets are not computed in 64-bit"
+
+
+def test_specialization_follows_the_launch_arguments():
+    """The attrs come from the actual arguments, as at launch: an odd token count or row stride is not
+    marked divisible by 16, the multiples of 16 and the (aligned) pointers are."""
+    from copsd_kernels import divergence_triton as dt
+    args = list(aot._recompute_args(dt._div_stats_kernel, T=4097, H=4096, V=151936))
+    src = aot.jit_source(dt._div_stats_kernel, args, dict(KIND=0, BLOCK_T=128, BLOCK_V=128, BLOCK_H=64,
+                                                          UPCAST_DOT=False))
+    names = dt._div_stats_kernel.arg_names
+    marked = {names[k[0]] for k, v in src.attrs.items() if ["tt.divisibility", 16] in v}
+    assert {"HS_ptr", "W_ptr", "STATS_ptr", "NV", "H", "stride_x"} <= marked
+    assert "T" not in marked and "inv_tau" not in marked
+    assert src.constants[(names.index("BLOCK_T"),)] == 128
+
+
+def test_int32_offsets_would_overflow_at_the_store_chunk():
+    """Why the row kernels need int64: one stored chunk at the headline shape spans more than 2^31 fp32
+    elements ([2 T_c, V_local] = 2 x 2048 x 151,936 = 6.2e8 -- and with a 12 GiB budget 2.5e9)."""
+    from copsd_kernels import divergence_store as ds
+    tc = ds.store_chunk_tokens(16384, 151936, torch.bfloat16, 12 * 2 ** 30)
+    assert 2 * tc * 151936 > 2 ** 31

@@ -1,5 +1,5 @@
-"""Triton kernels vs the float64 reference under TRITON_INTERPRET=1 (CPU, numpy semantics, slow: small
-shapes). The interpreter must be chosen before triton is first imported, and pytest may already have
+"""Triton recompute-mode kernels vs the float64 reference under TRITON_INTERPRET=1 (CPU, numpy semantics,
+slow: small shapes; store mode is in test_store_interpret.py). The interpreter must be chosen before triton is first imported, and pytest may already have
 imported it, so the checks run in one fresh subprocess with the variable set (run_checks below); run this
 file directly with `TRITON_INTERPRET=1 python tests/kernels/test_triton_interpret.py` to see the output.
 Note: the interpreter's tl.dot is wrong for bf16 operands, so there the kernels upcast tiles to fp32 before
@@ -28,8 +28,8 @@ def run_checks():
              ("jsd", 0.0, 1.1, True, torch.float32), ("jsd", 1.0, 1.0, True, torch.float32),
              ("jsd", 0.5, 1.1, True, torch.bfloat16), ("forward_kl", 0.5, 2.0, False, torch.bfloat16)]
     for divergence, beta, tau, clip, dtype in cases:
-        check_divergence("triton", dtype=dtype, divergence=divergence, beta=beta, temperature=tau, clip=clip,
-                         separate_teacher=divergence == "reverse_kl",
+        check_divergence("triton", mode="recompute", dtype=dtype, divergence=divergence, beta=beta,
+                         temperature=tau, clip=clip, separate_teacher=divergence == "reverse_kl",
                          grad_tol=TRITON_BF16_GRAD_TOL if dtype == torch.bfloat16 else None, **shape)
         print(f"divergence {divergence} beta={beta} tau={tau} clip={clip} {dtype}: ok", flush=True)
     for dtype, tau in ((torch.float32, 1.1), (torch.bfloat16, 1.0)):
