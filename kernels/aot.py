@@ -11,7 +11,7 @@ hints the same source compiles to a different kernel (scalar 2-byte loads, no so
 
 Per variant: shared memory and warps from the metadata, the wgmma instruction shapes in the PTX, registers
 and spill bytes from `ptxas -v --gpu-name sm_90a` (shipped in the wheel, triton/backends/nvidia/bin/), and
-whether row offsets are computed in 64-bit (`arith.muli ... : i64` in the TTIR). Shipped-config rules:
+whether row offsets are computed in 64-bit (an i64 `arith.muli` in the TTIR). Shipped-config rules:
 0 spills, shared memory <= 227 KB, and for the GEMM-like kernels (tl.dot over H) wgmma with N >= 128.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def compile_variant(name, fn, config, extra, make_args, gemm, shape=None) -> Aot
     cfg = "x".join(f"{k[6:]}{v}" for k, v in _tile(config).items()) + f" w{config['num_warps']} s{config['num_stages']}"
     return AotResult(name, cfg, int(compiled.metadata.shared), int(compiled.metadata.num_warps),
                      int(config["num_stages"]), shapes, regs, spills,
-                     bool(re.search(r"arith\.muli [^\n]*: i64", ttir)), gemm,
+                     bool(re.search(r"arith\.muli [^\n]*(: i64|xi64>)", ttir)), gemm,
                      sum(1 for v in src.attrs.values() if ["tt.divisibility", 16] in v))
 
 

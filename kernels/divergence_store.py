@@ -207,8 +207,10 @@ _grad_tuned = _row_tuned(_row_grad_kernel, ["NV", "KIND", "CLIP_ENTRY"])
 
 
 def _launch(fn, tuned, rows, *args, **constexprs):
-    if INTERPRET:  # TRITON_INTERPRET=1: numpy semantics on CPU tensors, one small block size
-        fn[(rows,)](*args, **constexprs, BLOCK_V=ROW_INTERPRET_BLOCK)
+    if INTERPRET:  # TRITON_INTERPRET=1: numpy semantics on CPU tensors; big rows in big blocks (fewer steps)
+        nv = args[2] if fn is _row_lse_kernel else args[4]
+        block = ROW_INTERPRET_BLOCK if nv <= 8 * ROW_INTERPRET_BLOCK else 16 * ROW_INTERPRET_BLOCK
+        fn[(rows,)](*args, **constexprs, BLOCK_V=block)
     else:
         tuned[(rows,)](*args, **constexprs)
 

@@ -15,6 +15,11 @@ Forward layout (per rank; gradients are computed here, the loss is terminal):
   6. Python: all_reduce SUM of dH_s over tp_group
 Backward layout: no kernel and no collective; grad_output (a scalar) scales the stored dH_s and dW.
 This is the recompute variant (6 logits-sized GEMMs, JSD 8); rows >= NV (vocab padding) never enter.
+`api.fused_linear_divergence` uses it only with mode="recompute" or when `memory_budget` cannot hold the
+store mode's chunk (kernels/divergence_store.py). Known limits (issue 14, not yet fixed here): the one-pass
+per-token KL (E_p[b - a] - lse_b + lse_a) and the entropy-difference JSD cancel at small divergences (a few %
+relative error at KL ~ 1e-5, V = 152k, fp32; store mode sums non-negative terms instead); the statistics
+kernels parallelize over token blocks only; `token_clip` is the per-position clip here.
 """
 from __future__ import annotations
 
@@ -143,7 +148,9 @@ def _div_grad_kernel(HS_ptr, HT_ptr, W_ptr, WT_ptr, TOK_ptr, DZ_ptr, T, NV, H, s
         g = (1.0 - beta) * q * (logq - _log_mix(logp, logq, log_beta, log_1mbeta) - aux[:, None])
     g = g * coef[:, None]
     mask = row[:, None] & (offs_v[None, :] < NV)
-    tl.store(DZ_ptr + offs_t[:, None] * stride_dz + offs_v[None, :], g.to(DZ_ptr.dtype.element_ty), mask=mask)
+    # int64 row offsets: a dZ chunk of T_c x V_local elements may exceed 2^31
+    tl.store(DZ_ptr + offs_t.to(tl.int64)[:, None] * stride_dz + offs_v[None, :], g.to(DZ_ptr.dtype.element_ty),
+             mask=mask)
 
 
 _stats_tuned = autotuned(_div_stats_kernel, STATS_CONFIGS, key=["NV", "H", "KIND"])

@@ -72,7 +72,9 @@ def _lp_grad_kernel(H_ptr, W_ptr, TGT_ptr, TOK_ptr, DZ_ptr, T, NV, H, stride_x, 
     onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
     g = (g_lp[:, None] * (onehot - q) - g_ent[:, None] * q * (logq + ent[:, None])) * inv_tau
     mask = row[:, None] & (offs_v[None, :] < NV)
-    tl.store(DZ_ptr + offs_t[:, None] * stride_dz + offs_v[None, :], g.to(DZ_ptr.dtype.element_ty), mask=mask)
+    # int64 row offsets: a dZ chunk of T_c x V_local elements may exceed 2^31
+    tl.store(DZ_ptr + offs_t.to(tl.int64)[:, None] * stride_dz + offs_v[None, :], g.to(DZ_ptr.dtype.element_ty),
+             mask=mask)
 
 
 _stats_tuned = autotuned(_lp_stats_kernel, STATS_CONFIGS, key=["NV", "H"])
