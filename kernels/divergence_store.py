@@ -27,7 +27,6 @@ Every row offset is int64 (`row * stride` overflows int32 once T_c x V_local >= 
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
