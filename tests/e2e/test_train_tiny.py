@@ -1,4 +1,5 @@
 """End-to-end: the real loop (embedded rollouts, Megatron passes, optimizer, checkpoints) on a tiny model."""
+import json
 import math
 import os
 
@@ -51,6 +52,9 @@ def test_copsd_tiny_run_writes_everything(tmp_path):
         assert r["skipped"] is False
     out = tmp_path / "copsd"
     assert (out / "checkpoints" / "step_2" / MARKER).is_file() and not (out / "checkpoints" / "step_1").exists()
+    saves = [json.loads(line) for line in (out / "checkpoints.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in saves] == [1, 2]  # one record per checkpoint: size, time, throughput
+    assert all(r["bytes"] > 0 and r["write_s"] > 0 and r["mb_per_s"] > 0 and r["blocking_s"] >= 0 for r in saves)
     assert (out / "hf" / "config.json").is_file() and (out / "tensorboard").is_dir()
     assert result["report"] and os.path.isfile(result["report"])
     # The HF export is the trained policy: loadable by transformers, different from the initial weights.
