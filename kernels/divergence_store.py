@@ -314,13 +314,30 @@ def _store_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, group, 
     return out[0], dhs, dw, out[1], out[3], out[4]
 
 
-def _divergence_fwd_bwd(hs, ht, w, tw, **opts):
-    """The `fwd_bwd` contract of types.GradInForwardDivergence / ops.divergence_fwd_bwd: (per_token, dhs, dw),
-    loss = sum_t loss_weight_t * min(div_t, clip) -- the per-position clip, the API's `token_clip` today
-    (the per-entry clip needs the per-token clipped loss: `_StoreDivergence`)."""
-    if opts.get("clip_mode", "position") != "position":
-        raise ValueError("the (per_token, dhs, dw) contract carries no per-entry clipped loss: use _StoreDivergence")
-    return _store_fwd_bwd(hs, ht, w, tw, **opts)[:3]
+class StoreOut(tuple):
+    """(per_token, dhs, dw) -- what `types.GradInForwardDivergence` / `ops.divergence_fwd_bwd` unpack today --
+    that also carries `token_loss` [T] (the clipped per-token value the loss sums; None without a clip) and
+    `clip_stats` [T, 2] (clipped_count, clipped_mass; None without a clip) as attributes, the fields the
+    per-entry clip's result type (per_token, token_loss, clip_stats, dhs, dw) reads."""
+
+    def __new__(cls, per_token, dhs, dw, token_loss, clip_stats):
+        self = super().__new__(cls, (per_token, dhs, dw))
+        self.per_token, self.dhs, self.dw, self.token_loss, self.clip_stats = per_token, dhs, dw, token_loss, clip_stats
+        return self
+
+
+def _divergence_fwd_bwd(hs, ht, w, tw, *, clip_mode="position", vocab_total=None, **opts) -> StoreOut:
+    """Store-mode `fwd_bwd`: gradients of sum_t loss_weight_t * token_loss_t, with token_loss = the per-entry
+    clipped sum (clip_mode="entry") or min(div, c) (clip_mode="position"). Position mode counts every valid
+    entry (`vocab_total`, default this rank's shard times the TP size) of a clipped position, mass 1."""
+    div, dhs, dw, loss_t, n_clip, m_clip = _store_fwd_bwd(hs, ht, w, tw, clip_mode=clip_mode, **opts)
+    if opts.get("clip") is None:
+        return StoreOut(div, dhs, dw, None, None)
+    if clip_mode == "entry":
+        return StoreOut(div, dhs, dw, loss_t, torch.stack([n_clip, m_clip], 1))
+    hit = (div > opts["clip"]).float()
+    total = vocab_total if vocab_total is not None else opts["nv"] * tp.tp_size(opts.get("group"))
+    return StoreOut(div, dhs, dw, loss_t, torch.stack([hit * float(total), hit], 1))
 
 
 def resolve_mode(mode: str, num_tokens: int, num_local: int, dtype, memory_budget) -> str:
