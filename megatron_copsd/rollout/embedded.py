@@ -1,23 +1,31 @@
-"""In-process rollout engine: batched KV-cache decoding on a Hugging Face causal LM (CPU or GPU).
+"""In-process rollout engine: continuous-batching decode over a static KV cache (CPU or GPU).
 
 The default engine on one machine. The trainer builds it from the same weights as its Megatron model
 and keeps it in sync with `update_weights(named_tensors_in_hf_names, version)` (in memory, no disk).
 
-Decode loop (our own, not `transformers.generate`):
-- prompts (x `n` samples) are sorted by length and cut into chunks of `max_batch_size` rows; each chunk
-  is left-padded, with an attention mask over real tokens and position ids counting real tokens only,
-  so a padded row computes what it would compute alone;
-- one prefill forward, then one forward per new token through a `DynamicCache`; a row that emits a
-  stop token (EOS or `stop_token_ids`) or reaches `max_new_tokens` is removed from the batch and its
-  cache rows are dropped, so finished rows cost nothing and padding never reaches an output;
+Decode loop (our own, not `transformers.generate`), for Llama / Qwen2 / Qwen3 models (`decoder.py`):
+- prompts (x `n` samples) are queued longest first; up to `max_batch_size` sequences decode together in
+  the slots of a preallocated KV cache ([slots, kv_heads, longest prompt + max_new_tokens, head_dim] per
+  layer), each sequence from column 0 (no left padding; its positions are 0..len-1, what transformers'
+  position ids give a left-padded row);
+- admission: pending prompts are prefilled together (right-padded, causal) into free slots, as soon as a
+  quarter of the slots (or all the pending prompts) fit, so finished rows are refilled from the queue
+  while the others keep decoding; active sequences always occupy a dense prefix of the slots (finished
+  ones are replaced by moving the last ones into their place), so a step costs what its live rows cost;
+- each step is one forward of one token per live row over the model's own parameters:
+  `scaled_dot_product_attention` on the cache columns the rows have filled (mask: column <= position),
+  no cache growth by concatenation, no per-layer mask building;
+- a row that emits a stop token (EOS or `stop_token_ids`) or reaches `max_new_tokens` leaves at once;
 - logits are cut to `valid_vocab` (Megatron pads the vocabulary) and handled in fp32.
+Other architectures (or `static_cache=False`) take the reference path: the HF model's own forward with a
+`DynamicCache`, prompts cut into left-padded chunks of `max_batch_size` rows, finished rows dropped.
 
 Log-probs follow `types.py`: `log_softmax(logits / T)[token]` over the valid vocabulary before top-k /
 top-p; for greedy decoding (T = 0) T = 1 is used (raw logits).
 
 Randomness: sample j of prompt i draws from its own `torch.Generator` seeded by `derive_seed(seed, i, j)`;
 one uniform per step is turned into a token by inverse-CDF over the filtered distribution. So the random
-stream of a sample does not depend on batch size, chunking, order or which other rows are present.
+stream of a sample does not depend on batch size, admission order, slot or which other rows are present.
 Guaranteed: the same (weights, prompts, params incl. seed, max_batch_size, device) give identical
 outputs (fp32, fixed order). Across different batch compositions the logits of a row can differ in the
 last ulp (different matmul shapes), which flips a token only at a near-tie; in tests the samples are
@@ -27,12 +35,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import deque
+from dataclasses import dataclass, field
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from megatron_copsd.rollout.decoder import KVCache, StaticCacheDecoder, unsupported_reason
 from megatron_copsd.rollout.types import Sample, SamplingParams
 
 
@@ -77,6 +89,23 @@ def sample_from_uniforms(filtered_logits: torch.Tensor, uniforms: torch.Tensor) 
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
+@dataclass
+class _Seq:
+    """One (prompt, sample) row in flight in the continuous loop."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: list[int]
+    seed: int
+    gen: torch.Generator
+    t0: float
+    cached: int = 0
+    """Tokens in this row's cache slot; the next input token goes to this column."""
+    response: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str = "length"
+
+
 class EmbeddedEngine:
     """Batched generation on an HF causal LM held in this process. See the module docstring."""
 
@@ -91,11 +120,16 @@ class EmbeddedEngine:
         valid_vocab: int | None = None,
         dtype: torch.dtype = torch.float32,
         weight_version: int = 0,
+        static_cache: bool = True,
+        compile: bool = False,
     ) -> None:
         """`model_or_hf_dir`: a transformers causal LM (the engine takes it over: moved to `device` and
         `dtype`, set to eval) or an HF checkpoint folder. `eos_token_ids` / `pad_token_id` default to
         the model config's. `valid_vocab`: the tokenizer's vocabulary size when the model's logits are
-        wider (padded rows are never sampled and are excluded from log-probs)."""
+        wider (padded rows are never sampled and are excluded from log-probs). `max_batch_size`: slots
+        of the KV cache (sequences decoded together). `static_cache=False` forces the reference path
+        (the HF model's forward each step). `compile`: `torch.compile` the decode step (see
+        `decoder.py`; measured slower than eager on CPU for the models here, so off by default)."""
         if isinstance(model_or_hf_dir, (str, Path)):
             import transformers
 
@@ -127,6 +161,16 @@ class EmbeddedEngine:
         self.max_batch_size = int(max_batch_size)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._weight_version = int(weight_version)
+        self.decoder: StaticCacheDecoder | None = None
+        if static_cache:
+            reason = unsupported_reason(self.model)
+            if reason is None:
+                self.decoder = StaticCacheDecoder(self.model, compile=compile)
+            else:
+                warnings.warn(f"EmbeddedEngine: static-cache decoder unsupported ({reason}); using the slower "
+                              "reference path (the HF model's forward per step)", stacklevel=2)
+        elif compile:
+            warnings.warn("EmbeddedEngine: compile=True is ignored with static_cache=False", stacklevel=2)
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -144,10 +188,14 @@ class EmbeddedEngine:
         # Longest first: rows of similar length share a chunk, which keeps padding small.
         rows.sort(key=lambda r: (-len(prompts[r[0]]), r))
         out: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
-        for start in range(0, len(rows), self.max_batch_size):
-            chunk = rows[start : start + self.max_batch_size]
-            for (i, j), sample in zip(chunk, self._generate_chunk(prompts, chunk, params, base_seed)):
-                out[i][j] = sample
+        if self.decoder is not None:
+            for sample in self._generate_continuous(prompts, rows, params, base_seed):
+                out[sample.prompt_index][sample.meta["sample_index"]] = sample
+        else:
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = rows[start : start + self.max_batch_size]
+                for (i, j), sample in zip(chunk, self._generate_chunk(prompts, chunk, params, base_seed)):
+                    out[i][j] = sample
         assert all(s is not None for per in out for s in per)
         return out  # type: ignore[return-value]
 
@@ -214,6 +262,94 @@ class EmbeddedEngine:
         return out.logits[:, -1, : self.valid_vocab].float()
 
     @torch.inference_mode()
+    def _generate_continuous(self, prompts, rows, params: SamplingParams, base_seed: int) -> list[Sample]:
+        """The static-cache loop of the module docstring; `rows` (prompt, sample) in admission order."""
+        if params.max_new_tokens == 0 or not rows:
+            return self._samples(rows, [[] for _ in rows], [[] for _ in rows], ["length"] * len(rows),
+                                 [derive_seed(base_seed, i, j) for i, j in rows], time.perf_counter())
+        dec = self.decoder
+        slots = min(self.max_batch_size, len(rows))
+        cache = dec.new_cache(slots, max(len(prompts[i]) for i, _ in rows) + params.max_new_tokens)
+        stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
+        pending = deque(rows)
+        live: list[_Seq] = []  # slot b holds live[b]; live rows are always slots [0, len(live))
+        cur = torch.zeros(slots, dtype=torch.long, device=self.device)  # next input token of each slot
+        pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # its column (== _Seq.cached)
+        # Prefill reads every weight once, like a decode step: batch admissions, but never leave more
+        # than a quarter of the slots idle while prompts wait.
+        min_admit = max(1, slots // 4)
+        samples: list[Sample] = []
+        while pending or live:
+            free = slots - len(live)
+            if pending and free >= min(len(pending), min_admit):
+                new = [self._new_seq(prompts, i, j, base_seed) for i, j in
+                       (pending.popleft() for _ in range(min(free, len(pending))))]
+                first = len(live)
+                logits = self._prefill(cache, first, new)
+                live.extend(new)
+                batch = slice(first, len(live))
+                pos[batch] = torch.tensor([s.cached for s in new], device=self.device)
+            else:
+                n = len(live)
+                width = max(s.cached for s in live) + 1
+                logits = dec.decode(cache, cur[:n], pos[:n], width)[:, : self.valid_vocab].float()
+                for s in live:
+                    s.cached += 1
+                pos[:n] += 1
+                batch = slice(0, n)
+            rows_now = live[batch]
+            tokens, token_logprobs = self._pick(logits, params, [s.gen for s in rows_now])
+            cur[batch] = tokens
+            finished = []
+            for b, (s, tok, lp) in enumerate(zip(rows_now, tokens.tolist(), token_logprobs.tolist()),
+                                             start=batch.start):
+                s.response.append(tok)
+                s.logprobs.append(lp)
+                if tok in stop_ids:
+                    s.finish = "stop"
+                    finished.append(b)
+                elif len(s.response) >= params.max_new_tokens:
+                    finished.append(b)
+            if finished:
+                samples += [self._sample_of(live[b]) for b in finished]
+                self._compact(live, finished, cache, cur, pos)
+        return samples
+
+    def _new_seq(self, prompts, i: int, j: int, base_seed: int) -> _Seq:
+        seed = derive_seed(base_seed, i, j)
+        return _Seq(i, j, prompts[i], seed, torch.Generator(device="cpu").manual_seed(seed), time.perf_counter())
+
+    def _prefill(self, cache: KVCache, first: int, new: list[_Seq]) -> torch.Tensor:
+        """Prompts of `new` into slots [first, first + len(new)); logits of their last tokens, fp32."""
+        for s in new:
+            s.cached = len(s.prompt)
+        logits = self.decoder.prefill(cache, first, [s.prompt for s in new])
+        return logits[:, : self.valid_vocab].float()
+
+    @staticmethod
+    def _compact(live: list[_Seq], finished: list[int], cache: KVCache, cur, pos) -> None:
+        """Removes finished slots, moving the last live rows into their places (cache, inputs, state)."""
+        gone = set(finished)
+        keep = len(live) - len(gone)
+        holes = [b for b in finished if b < keep]
+        movers = [b for b in range(keep, len(live)) if b not in gone]
+        if movers:
+            cache.move(movers, holes, upto=max(live[b].cached for b in movers))
+            src = torch.tensor(movers, device=cur.device)
+            dst = torch.tensor(holes, device=cur.device)
+            cur[dst] = cur[src]
+            pos[dst] = pos[src]
+            for h, m in zip(holes, movers):
+                live[h] = live[m]
+        del live[keep:]
+
+    def _sample_of(self, s: _Seq) -> Sample:
+        return Sample(prompt_index=s.prompt_index, response_ids=s.response, logprobs=s.logprobs,
+                      finish_reason=s.finish, weight_version=self._weight_version,
+                      meta={"seed": s.seed, "sample_index": s.sample_index,
+                            "latency_s": time.perf_counter() - s.t0})
+
+    @torch.inference_mode()
     def _generate_chunk(self, prompts, rows, params: SamplingParams, base_seed: int) -> list[Sample]:
         from transformers import DynamicCache
 
@@ -274,7 +410,7 @@ class EmbeddedEngine:
                 logprobs=logprobs[r],
                 finish_reason=finish[r],
                 weight_version=self._weight_version,
-                meta={"seed": seeds[r], "sample_index": j, "chunk_latency_s": latency},
+                meta={"seed": seeds[r], "sample_index": j, "latency_s": latency},
             )
             for r, (i, j) in enumerate(rows)
         ]

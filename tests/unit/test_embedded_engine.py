@@ -1,4 +1,4 @@
-"""EmbeddedEngine against transformers on tiny random models (CPU, fp32)."""
+"""EmbeddedEngine against transformers on tiny random models and the real SmolLM2-135M-Instruct (CPU, fp32)."""
 from __future__ import annotations
 
 import pytest
@@ -28,11 +28,12 @@ def _ids(samples):
     return [[s.response_ids for s in per] for per in samples]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
 def test_greedy_matches_transformers_generate(family):
     m = make_tiny_hf_model(None, family, seed=1)
     engine = EmbeddedEngine(m, eos_token_ids=1, pad_token_id=0, max_batch_size=3)
     assert isinstance(engine, RolloutEngine)
+    assert engine.decoder is not None  # the static-cache path, with continuous refill (4 prompts, 3 slots)
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0))
     for p, per in zip(PROMPTS, out):
         # Reference: each prompt alone, unpadded, through transformers' own generate loop.
@@ -156,3 +157,61 @@ def test_edge_cases(model):
         engine.generate([[3, 999]], SamplingParams())
     with pytest.raises(ValueError, match="max_position_embeddings"):
         engine.generate([[3]], SamplingParams(max_new_tokens=10_000))
+
+
+def test_continuous_batching_equals_reference_path(model):
+    """Rows that stop at different steps, refilled from the queue into 3 slots (prefills while other rows
+    decode, slot compaction), give what the reference path (HF forward + DynamicCache, one chunk) gives."""
+    prompts = [[(7 * i + 3 * t) % 280 + 2 for t in range(3 + (5 * i) % 11)] for i in range(9)]
+    params = SamplingParams(max_new_tokens=14, temperature=1.0, n=2, seed=5, stop_token_ids=(40, 77, 123, 200))
+    fast = EmbeddedEngine(model, max_batch_size=3)
+    calls = []
+    prefill = fast.decoder.prefill
+    fast.decoder.prefill = lambda cache, slot0, ps: calls.append((slot0, len(ps))) or prefill(cache, slot0, ps)
+    out = fast.generate(prompts, params)
+    ref = EmbeddedEngine(model, max_batch_size=32, static_cache=False).generate(prompts, params)
+    assert _ids(out) == _ids(ref)
+    for per, per_ref in zip(out, ref):
+        for s, r in zip(per, per_ref):
+            assert s.finish_reason == r.finish_reason and s.meta["seed"] == r.meta["seed"]
+            assert s.logprobs == pytest.approx(r.logprobs, abs=1e-5)
+    reasons = [s.finish_reason for per in out for s in per]
+    assert 0 < reasons.count("stop") < len(reasons)  # rows really left at different times
+    assert len(calls) > 2 and any(slot0 > 0 for slot0, _ in calls)  # refills joined running rows
+
+
+def test_unsupported_architecture_warns_and_uses_reference_path():
+    m = make_tiny_hf_model(None, "llama", seed=1)
+    ref = _ids(EmbeddedEngine(m, static_cache=False).generate(PROMPTS, SamplingParams(max_new_tokens=6,
+                                                                                       temperature=0)))
+    m.config.hidden_act = "gelu"  # what the static-cache decoder does not implement
+    m.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    with pytest.warns(UserWarning, match="static-cache decoder unsupported .*hidden_act 'gelu'"):
+        engine = EmbeddedEngine(m)
+    assert engine.decoder is None
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0))
+    assert len(out) == len(PROMPTS) and _ids(out) != ref  # the reference path ran the changed model
+
+
+def test_smollm2_greedy_matches_transformers_generate(smollm2_hf_dir):
+    """The real SmolLM2-135M-Instruct (GQA 9/3 heads, 30 layers, tied embeddings), chat-formatted prompts
+    of different lengths decoded together in 2 slots with refill, against transformers' generate on each
+    prompt alone."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_hf_dir), dtype=torch.float32).eval()
+    questions = ["Tom has 3 apples and buys 5 more. How many apples does he have?",
+                 "Tom a 3 pommes et en achète 5 de plus. Combien de pommes a-t-il ?",
+                 "What is 12 times 4?"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for q in questions]
+    engine = EmbeddedEngine(m, eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_batch_size=2)
+    assert engine.decoder is not None
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    for p, per in zip(prompts, out):
+        with torch.inference_mode():
+            ref = m.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        assert per[0].response_ids == ref, (tok.decode(per[0].response_ids), tok.decode(ref))
