@@ -120,7 +120,7 @@ class StaticCacheDecoder:
     """Prefill and single-token decode steps over a static KV cache. Stateless apart from the RoPE table:
     the caller (the engine's scheduler) owns the cache and the per-slot lengths."""
 
-    def __init__(self, model, *, compile: bool = False) -> None:
+    def __init__(self, model) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"StaticCacheDecoder: unsupported model: {reason}")
@@ -139,11 +139,6 @@ class StaticCacheDecoder:
         self.scaling = self.head_dim ** -0.5
         self._rotary = inner.rotary_emb
         self._cos = self._sin = None
-        self.compiled = bool(compile)
-        if compile:
-            # The step's shapes change with the live rows and the attended width: dynamic shapes, so one
-            # compiled graph serves every step instead of one per (rows, width).
-            self.decode = torch.compile(self.decode, dynamic=True)
 
     @property
     def device(self) -> torch.device:

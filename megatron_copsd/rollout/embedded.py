@@ -121,15 +121,13 @@ class EmbeddedEngine:
         dtype: torch.dtype = torch.float32,
         weight_version: int = 0,
         static_cache: bool = True,
-        compile: bool = False,
     ) -> None:
         """`model_or_hf_dir`: a transformers causal LM (the engine takes it over: moved to `device` and
         `dtype`, set to eval) or an HF checkpoint folder. `eos_token_ids` / `pad_token_id` default to
         the model config's. `valid_vocab`: the tokenizer's vocabulary size when the model's logits are
         wider (padded rows are never sampled and are excluded from log-probs). `max_batch_size`: slots
         of the KV cache (sequences decoded together). `static_cache=False` forces the reference path
-        (the HF model's forward each step). `compile`: `torch.compile` the decode step (see
-        `decoder.py`; measured slower than eager on CPU for the models here, so off by default)."""
+        (the HF model's forward each step)."""
         if isinstance(model_or_hf_dir, (str, Path)):
             import transformers
 
@@ -165,12 +163,10 @@ class EmbeddedEngine:
         if static_cache:
             reason = unsupported_reason(self.model)
             if reason is None:
-                self.decoder = StaticCacheDecoder(self.model, compile=compile)
+                self.decoder = StaticCacheDecoder(self.model)
             else:
                 warnings.warn(f"EmbeddedEngine: static-cache decoder unsupported ({reason}); using the slower "
                               "reference path (the HF model's forward per step)", stacklevel=2)
-        elif compile:
-            warnings.warn("EmbeddedEngine: compile=True is ignored with static_cache=False", stacklevel=2)
 
     # ------------------------------------------------------------------ protocol
     @property
