@@ -376,6 +376,17 @@ class DryRunEnvironment:
         for mode in (_CudaToMetaMode(self.memory), DeviceCheckMode(self.memory)):
             mode.__enter__()
             self._modes.append(mode)
+        # The autograd engine runs custom Functions' backward (megatron's activation recompute re-runs the
+        # forward there) without the torch-function mode stack: re-enter the CUDA -> meta rewrite there.
+        cuda_mode, original_apply = self._modes[0], torch.autograd.function.BackwardCFunction.apply
+
+        def backward_apply(ctx, *args):
+            if cuda_mode in torch.overrides._get_current_function_mode_stack():
+                return original_apply(ctx, *args)
+            with cuda_mode:
+                return original_apply(ctx, *args)
+
+        self._patch(torch.autograd.function.BackwardCFunction, "apply", backward_apply)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -69,6 +69,7 @@ def test_tp2_pp2_dp2_step_passes_on_first_and_last_stage(tmp_path):
     assert not torch.cuda.is_available()  # and its patches
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_shards_optimizer_state(tmp_path):
     hf = _small_qwen3(tmp_path)
     plain = _run(_cfg(**{"parallel.pp": 1, "parallel.use_distributed_optimizer": "false"}), hf, 0)
@@ -133,3 +134,18 @@ def test_full_size_qwen3_8b_example(capsys):
     """The shipped 8B example at full size (36 layers, TP=4, both pipeline ends) on this machine."""
     assert dry_run.main(["--config", str(EXAMPLE)]) == 0
     assert "PEAK" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_full_recompute_keeps_fewer_activations(tmp_path):
+    """parallel.recompute=full re-runs each layer's forward inside backward (megatron's checkpoint Function:
+    the dry run's CUDA -> meta rewrite must hold there too) and keeps less for backward. A small vocabulary
+    and long responses, so activations dominate the peak."""
+    hf = _small_qwen3(tmp_path, vocab_size=1024)
+    peaks = {}
+    for mode in ("none", "full"):
+        cfg = _cfg(**{"parallel.pp": 1, "parallel.recompute": mode, "train.micro_batch_tokens": 4096})
+        rep = dry_run.simulate_rank(cfg, hf, rank=0, world_size=8, student_prompt=16, teacher_prompt=32,
+                                    response=1024, steps=2)
+        peaks[mode] = rep.breakdown.get("activations", 0)
+    assert peaks["full"] < 0.7 * peaks["none"], peaks
