@@ -54,6 +54,8 @@ class RankReport:
     sequences: int = 0
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+    phase_peaks: dict = field(default_factory=dict)  # phase -> {category: bytes} at that phase's own peak
+    peak_phase: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -194,6 +196,8 @@ def simulate_rank(cfg: Config, hf_config_path: Path, *, rank: int, world_size: i
             del microbatches
         report.peak_bytes = mem.peak
         report.breakdown = {k: v for k, v in mem.peak_breakdown.items() if v}
+        report.peak_phase = mem.peak_where
+        report.phase_peaks = {p: {k: v for k, v in b.items() if v} for p, b in mem.phase_breakdown.items()}
         if pp > 1 and n != cfg.data.prompts_per_step * cfg.rollout.n:
             report.notes.append(f"{n} sequences (rounded up from {cfg.data.prompts_per_step * cfg.rollout.n} "
                                 f"to whole micro-batches of {per_mb} per DP rank)")
@@ -224,8 +228,8 @@ def format_report(cfg: Config, world_size: int, reports: list[RankReport], hf_co
         lines.append("  " + "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
                                       for i, cell in enumerate(row)))
     for r in reports:
-        lines.append(f"  rank {r.rank}: {r.sequences} sequences, {r.microbatches} micro-batches on this rank, "
-                     f"{r.seconds:.1f} s" + "".join(f"; {n}" for n in r.notes))
+        lines.append(f"  rank {r.rank}: peak while in phase '{r.peak_phase}'; {r.sequences} sequences, "
+                     f"{r.microbatches} micro-batches on this rank, {r.seconds:.1f} s" + "".join(f"; {n}" for n in r.notes))
     return "\n".join(lines)
 
 

@@ -129,7 +129,8 @@ class MemoryTracker:
         self.peak = 0
         self.peak_breakdown: dict[str, int] = {}
         self.peak_where = ""
-        self.phase_peaks: dict[str, int] = defaultdict(int)
+        self.phase_peaks: dict[str, int] = defaultdict(int)  # phase -> highest total while it was current
+        self.phase_breakdown: dict[str, dict] = {}  # phase -> live bytes by category at that moment
         self.host: dict[int, int] = {}
 
     @contextlib.contextmanager
@@ -162,7 +163,9 @@ class MemoryTracker:
         self.live[self.current] += nbytes
         weakref.finalize(st, self._free, key)
         total = self.total()
-        self.phase_peaks[self.current] = max(self.phase_peaks[self.current], total)
+        if total > self.phase_peaks[self.current]:
+            self.phase_peaks[self.current] = total
+            self.phase_breakdown[self.current] = dict(self.live)
         if total > self.peak:
             self.peak, self.peak_breakdown, self.peak_where = total, dict(self.live), self.current
 
@@ -197,6 +200,7 @@ class MemoryTracker:
     def reset_peak(self) -> None:
         self.peak, self.peak_breakdown, self.peak_where = self.total(), dict(self.live), self.current
         self.phase_peaks = defaultdict(int)
+        self.phase_breakdown = {}
 
 
 class DeviceCheckMode(TorchDispatchMode):
