@@ -1,7 +1,7 @@
 """Per-rank peak device memory of the Qwen3 COPSD examples on one 8-GPU node, from dry runs -> docs/memory.md.
 
-    python tools/memory_table.py --out docs/memory.md [--json runs/memory_table.json] [--jobs 2]
-    python tools/memory_table.py --render-only --json runs/memory_table.json --out docs/memory.md
+    python tools/memory_table.py --out docs/memory.md --json docs/memory_table_runs.json [--jobs 2]
+    python tools/memory_table.py --render-only --json docs/memory_table_runs.json --out docs/memory.md
 
 Grid: Qwen3-1.7B / 4B / 8B x TP 1/2/4/8 (DP = 8 / TP, PP = 1) x response length 2048 / 8192 x activation
 recompute none / full (parallel.recompute) x distributed optimizer on / off, COPSD with the examples'

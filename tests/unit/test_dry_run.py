@@ -30,7 +30,7 @@ def _small_qwen3(tmp_path, **overrides) -> Path:
 
 def _cfg(**extra):
     overrides = ["parallel.tp=2", "parallel.pp=2", "data.prompts_per_step=4", "rollout.max_new_tokens=128",
-                 "train.micro_batch_tokens=512", "parallel.use_distributed_optimizer=false"] + [f"{k}={v}" for k, v in extra.items()]
+                 "train.micro_batch_tokens=512", "parallel.use_distributed_optimizer=false", "parallel.recompute=none"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(EXAMPLE, overrides)
 
 
