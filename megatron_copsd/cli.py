@@ -7,6 +7,7 @@
     copsd bench-kernels ...   (fused divergence microbenchmarks)
     copsd synth-bench ...     (the one-CPU crosslingual benchmark: COPSD vs GRPO)
     copsd dry-run --config X  (one training step on meta tensors at the real layout: device bugs, memory)
+    copsd real-bench ...      (the same comparison on SmolLM2-135M-Instruct, French/Spanish/German)
 
 Each subcommand lives in its own module as `main(argv: list[str]) -> int`, imported only when used,
 so `copsd convert` never pays for importing the trainer.
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "bench-kernels": ("copsd_kernels.bench", "benchmark the fused divergence kernels"),
     "synth-bench": ("megatron_copsd.synthetic.run", "crosslingual benchmark on one CPU: COPSD vs GRPO"),
     "dry-run": ("megatron_copsd.dry_run", "one training step on meta tensors: device checks + memory per rank"),
+    "real-bench": ("megatron_copsd.realbench", "SmolLM2-135M-Instruct on fr/es/de word problems: COPSD vs GRPO"),
 }
 
 

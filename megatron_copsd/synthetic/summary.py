@@ -110,19 +110,22 @@ def statistics_sections(records: Sequence, methods: Sequence[str], langs: Sequen
 
 
 def analysis_sections(records: Sequence, methods: Sequence[str], target_langs: Sequence[str],
-                      run_dirs: dict, out_dir: Path) -> tuple[list[str], dict]:
-    """Markdown lines for answer script and training curves; returns (lines, files written)."""
+                      run_dirs: dict, out_dir: Path, *, script: bool = True) -> tuple[list[str], dict]:
+    """Markdown lines for answer script (`script`: the targets are written in a non-Latin script) and
+    training curves; returns (lines, files written)."""
     from megatron_copsd.synthetic.analysis import plot_learning_curves, script_rates, training_curves
 
-    rates = script_rates(records, target_langs)
-    md = ["## Answer script", "",
-          "Share of greedy answers to target-language prompts written mostly in Latin script (English): the "
-          "grader accepts them, so a method could gain by drifting to English.", "",
-          "| lang | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for lang in target_langs:
-        md.append(f"| {lang} | " + " | ".join(f"{rates[(m, lang)][0]:.3f}" if (m, lang) in rates else "-"
-                                             for m in methods) + " |")
-    md.append("")
+    md = []
+    if script:
+        rates = script_rates(records, target_langs)
+        md += ["## Answer script", "",
+               "Share of greedy answers to target-language prompts written mostly in Latin script (English): the "
+               "grader accepts them, so a method could gain by drifting to English.", "",
+               "| lang | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for lang in target_langs:
+            md.append(f"| {lang} | " + " | ".join(f"{rates[(m, lang)][0]:.3f}" if (m, lang) in rates else "-"
+                                                 for m in methods) + " |")
+        md.append("")
     files = {}
     curves = training_curves(run_dirs)
     acc, zero = curves.get("accuracy", {}), curves.get("zero_adv_share", {})
@@ -177,9 +180,10 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
     stats_md, comparisons = statistics_sections(records, methods, langs, target_langs,
                                                 num_resamples=num_resamples) if records else ([], [])
     word = verdict(comparisons, target_langs)
-    md = [f"# Synthetic crosslingual benchmark ({info.get('mode')} mode)", "",
-          "Problems: seeded multi-step arithmetic word problems; target languages are *synthetic* constructed "
-          "languages written in the Ge'ez (qge) and Vai (qva) scripts (see megatron_copsd/synthetic/languages.py), "
+    languages = info.get("languages") or ("target languages are *synthetic* constructed languages written in the "
+                                          "Ge'ez (qge) and Vai (qva) scripts (see megatron_copsd/synthetic/languages.py)")
+    md = [f"# Crosslingual benchmark ({info.get('mode')} mode)", "",
+          f"Problems: seeded multi-step arithmetic word problems; {languages}, "
           "English (eng) is the high-resource language. Every method: same base model, training problems, "
           f"seeds {list(info.get('seeds', []))} and rollout budget ({info.get('budget')}). "
           f"Eval: {info.get('num_eval', '?')} problems per language from the generator's eval split (never "
@@ -202,7 +206,8 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
 
     md += tuning_table(info.get("tuning") or {})
     if records:
-        analysis_md, plots = analysis_sections(records, methods, target_langs, run_dirs or {}, out_dir)
+        analysis_md, plots = analysis_sections(records, methods, target_langs, run_dirs or {}, out_dir,
+                                               script=info.get("script_metric", True))
         md += analysis_md
         report_files = {**report_files, **plots}
     cpu = info.get("cpu_seconds", {})
