@@ -63,6 +63,9 @@ class Trainer:
         self.rank = self.info.rank
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        # Early: the writer warms megatron-core's save machinery up in the background while the models load.
+        self.ckpt_writer = ckpt.CheckpointWriter(self.ckpt_root, keep_last=cfg.checkpoint.keep_last,
+                                                 async_save=cfg.checkpoint.async_save, on_complete=self._log_checkpoint)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -102,8 +105,6 @@ class Trainer:
         self.engine = _build_engine(cfg, self.hf_dir, self.hf_config, self.tok, self.out) if self.rank == ROLLOUT_RANK else None
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
         self._preempt = threading.Event()
-        self.ckpt_writer = ckpt.CheckpointWriter(self.ckpt_root, keep_last=cfg.checkpoint.keep_last,
-                                                 async_save=cfg.checkpoint.async_save, on_complete=self._log_checkpoint)
         self._resume()
         self.log = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                  wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar,

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -168,6 +169,10 @@ class CheckpointWriter:
         self.on_complete = on_complete
         self._queue = None
         self.pending: Optional[int] = None  # step being written asynchronously
+        # megatron-core's writer starts a multiprocessing Manager (a spawned interpreter) on its first save:
+        # seconds, which would otherwise stall the first checkpoint. Started now, in the background.
+        self._warm = threading.Thread(target=_start_writer_manager, daemon=True)
+        self._warm.start()
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -181,6 +186,7 @@ class CheckpointWriter:
         self.wait()
         rank, world = _rank_world()
         t0 = time.time()
+        self._warm.join()
         tmp = self.root / f"step_{step}.tmp"
         if rank == 0:
             if tmp.exists():
@@ -242,6 +248,15 @@ class CheckpointWriter:
                 self.on_complete(record)
         self.pending = None
         _barrier()
+
+
+def _start_writer_manager() -> None:
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+        _get_write_results_queue()
+    except Exception:  # noqa: BLE001 - only a warm-up: the first save starts it (and reports errors) itself
+        pass
 
 
 def _save_strategy():
