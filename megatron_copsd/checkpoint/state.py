@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -250,12 +251,41 @@ class CheckpointWriter:
         _barrier()
 
 
-def _start_writer_manager() -> None:
-    try:
-        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+_MANAGER: dict = {}
 
-        _get_write_results_queue()
-    except Exception:  # noqa: BLE001 - only a warm-up: the first save starts it (and reports errors) itself
+
+def _writer_manager_init() -> None:
+    """Runs in megatron-core's results-queue Manager process. Slurm signals every process of the job step:
+    with the default action SIGUSR1 (the pre-time-limit signal) or SIGTERM would kill the Manager, and the
+    trainer's final save would then fail in finalisation. The Manager ignores them and exits when its parent
+    is gone (checked every second; PR_SET_PDEATHSIG would fire when the starting *thread* ends)."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _start_writer_manager() -> None:
+    """Starts the Manager megatron-core's async writer reports through (its own would start lazily, with
+    default signal handling) and installs its queue where megatron-core looks for it."""
+    try:
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            manager.start(initializer=_writer_manager_init)
+            _MANAGER["manager"] = manager
+            filesystem_async._results_queue = manager.Queue()
+    except Exception:  # noqa: BLE001 - only a warm-up: megatron-core starts its own on the first save
         pass
 
 
