@@ -50,7 +50,61 @@ def _build_model(hf_dir, hf_config, params_dtype, overrides: dict):
     return model
 
 
+def read_stage_weights(hf_dir, hf_config) -> dict:
+    """The HF tensors this rank's pipeline stage loads, read once (policy and frozen teacher both load
+    from it); other stages' tensors are never read. (Each TP rank still reads its stage's full tensors and
+    slices them: safetensors slicing per TP rank is not done.)"""
+    from megatron.core import parallel_state
+
+    from megatron_copsd.checkpoint.convert import load_hf_state_dict, stage_hf_names
+
+    names = stage_hf_names(hf_config, pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                           pp_size=parallel_state.get_pipeline_model_parallel_world_size())
+    return load_hf_state_dict(hf_dir, names=names)
+
+
+LOCAL_ATTENTION_BYTES_PER_SCORE = 6  # fp32 softmax output (its backward) + the params-dtype probabilities (value matmul)
+
+
+def local_attention_bytes(cfg: Config, hf_config) -> int:
+    """Upper bound of what megatron-core's local `DotProductAttention` (the spec without Transformer
+    Engine) keeps for backward on one rank: per layer the [b, heads/tp, s, s] attention probabilities,
+    for the worst micro-batch the packing allows (b * s <= max(train.micro_batch_tokens, s) with s at
+    most data.max_prompt_tokens + rollout.max_new_tokens). With recomputation only one layer's scores
+    are alive at a time."""
+    p = cfg.parallel
+    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    tokens = max(cfg.train.micro_batch_tokens, seq)
+    layers = hf_config.num_hidden_layers // p.pp if p.recompute == "none" else 1
+    heads = hf_config.num_attention_heads // p.tp
+    return tokens * seq * heads * LOCAL_ATTENTION_BYTES_PER_SCORE * layers
+
+
+def check_attention_memory(cfg: Config, hf_config, *, use_te: bool, device_bytes: Optional[int],
+                           max_fraction: float = 0.5) -> None:
+    """ValueError when the local attention's scores alone would take more than `max_fraction` of the GPU:
+    megatron-core 0.16 has no attention without TE that avoids materialising them."""
+    if use_te or device_bytes is None:
+        return
+    need = local_attention_bytes(cfg, hf_config)
+    if need > max_fraction * device_bytes:
+        raise ValueError(
+            f"without Transformer Engine, megatron-core's local attention keeps [batch, heads, seq, seq] scores for "
+            f"backward: up to {need / 2**30:.1f} GiB per rank here (data.max_prompt_tokens + rollout.max_new_tokens "
+            f"= {cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens}, train.micro_batch_tokens="
+            f"{cfg.train.micro_batch_tokens}, parallel.tp={cfg.parallel.tp}, parallel.recompute={cfg.parallel.recompute}) "
+            f"of {device_bytes / 2**30:.0f} GiB. Install transformer_engine (fused / flash attention), set "
+            f"parallel.recompute=selective, or shorten the sequences")
+
+
 def build_policy(cfg: Config, hf_dir, hf_config, params_dtype) -> Policy:
+    """`hf_dir`: the HF folder, or the tensors `read_stage_weights` returned."""
+    if torch.cuda.is_available():
+        from megatron_copsd.megatron.device import compute_device
+        from megatron_copsd.megatron.model_provider import te_available
+
+        check_attention_memory(cfg, hf_config, use_te=te_available(),
+                               device_bytes=torch.cuda.get_device_properties(compute_device()).total_memory)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

@@ -97,10 +97,12 @@ class Trainer:
                 self.rosd.warn_at_startup(train_ex)
 
         dtype = resolve_dtype(cfg, torch.cuda.is_available())
-        self.policy = run_setup.build_policy(cfg, self.hf_dir, self.hf_config, dtype)
+        hf_state = run_setup.read_stage_weights(self.hf_dir, self.hf_config)  # once, for policy and teacher
+        self.policy = run_setup.build_policy(cfg, hf_state, self.hf_config, dtype)
         self.teacher = run_setup.Teacher(teacher_mode(cfg), self.policy,
-                                         lambda: run_setup.build_frozen_copy(cfg, self.hf_dir, self.hf_config, dtype),
+                                         lambda: run_setup.build_frozen_copy(cfg, hf_state, self.hf_config, dtype),
                                          decay=cfg.objective.ema_decay, offload=cfg.objective.offload_teacher)
+        del hf_state
         self.spec = objective_spec(cfg, self.hf_config, self.teacher.separate_weights)
         self.engine = _build_engine(cfg, self.hf_dir, self.hf_config, self.tok, self.out) if self.rank == ROLLOUT_RANK else None
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
@@ -270,7 +272,7 @@ class Trainer:
 
         if self.info.dp_rank != 0:
             return
-        state = gather_hf_state_dict(self.policy.model, self.hf_config)
+        state = gather_hf_state_dict(self.policy.model, self.hf_config, only_first_rank=True)  # None off rank 0
         if self.engine is not None:
             self.engine.update_weights(state.items(), version)
 

@@ -4,7 +4,7 @@
     mg = hf_to_megatron(hf, cfg, tp_rank=0, tp_size=2, pp_rank=0, pp_size=1)
     hf_again = megatron_to_hf([[mg_tp0, mg_tp1]], cfg)                 # states_by_pp_tp[pp][tp]
     load_hf_into_model(model, "hf_dir", cfg)                            # this rank's shard, checked
-    full = gather_hf_state_dict(model, cfg)                             # on every rank
+    full = gather_hf_state_dict(model, cfg)                             # on every rank (or only_first_rank=True)
     save_hf_checkpoint(full, cfg, "out_dir", tokenizer_dir="hf_dir")    # atomic
 
 Every direction validates names and shapes against the HF config and raises `ValueError` naming the
@@ -39,9 +39,22 @@ def _load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read safetensors file {path}: {exc}") from exc
 
 
-def load_hf_state_dict(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a HF checkpoint dir: sharded safetensors with index, one safetensors file, or a
-    `pytorch_model.bin` read with `weights_only=True`."""
+def _load_safetensors_names(path: Path, names) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {n: f.get_tensor(n) for n in names if n in set(f.keys())}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise ValueError(f"cannot read safetensors file {path}: {exc}") from exc
+
+
+def load_hf_state_dict(hf_dir: str | os.PathLike, names=None) -> dict[str, torch.Tensor]:
+    """Tensors of a HF checkpoint dir: sharded safetensors with index, one safetensors file, or a
+    `pytorch_model.bin` read with `weights_only=True`. `names`: read only these (safetensors reads just
+    their bytes; shards holding none of them are not opened); default all."""
+    if names is not None:
+        names = sorted(set(names))
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ValueError(f"HF checkpoint directory {hf_dir} does not exist")
@@ -52,22 +65,27 @@ def load_hf_state_dict(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, KeyError) as exc:
             raise ValueError(f"bad safetensors index {index}: {exc}") from exc
         state: dict[str, torch.Tensor] = {}
-        for fname in sorted(set(weight_map.values())):
+        wanted = set(weight_map) if names is None else set(names)
+        for fname in sorted({weight_map[n] for n in wanted if n in weight_map}):
             path = hf_dir / fname
             if not path.is_file():
                 raise ValueError(f"{index} lists shard {fname}, which does not exist")
-            state.update(_load_safetensors_file(path))
-        missing = sorted(set(weight_map) - set(state))
+            if names is None:
+                state.update(_load_safetensors_file(path))
+            else:
+                state.update(_load_safetensors_names(path, [n for n in names if weight_map.get(n) == fname]))
+        missing = sorted((set(weight_map) if names is None else set(names) & set(weight_map)) - set(state))
         if missing:
             raise ValueError(f"tensor {missing[0]} is listed in {index} but absent from its shard")
         return state
     single = hf_dir / "model.safetensors"
     if single.is_file():
-        return _load_safetensors_file(single)
+        return _load_safetensors_file(single) if names is None else _load_safetensors_names(single, names)
     binary = hf_dir / "pytorch_model.bin"
     if binary.is_file():
         try:
-            return torch.load(str(binary), map_location="cpu", weights_only=True)
+            state = torch.load(str(binary), map_location="cpu", weights_only=True)
+            return state if names is None else {n: state[n] for n in names if n in state}
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"cannot read {binary} with weights_only=True: {exc}") from exc
     raise ValueError(f"no model.safetensors, {SAFE_INDEX} or pytorch_model.bin in {hf_dir}")
@@ -141,11 +159,33 @@ def megatron_names(hf_config, *, pp_rank: int, pp_size: int) -> list[str]:
     return names
 
 
+def stage_hf_names(hf_config, *, pp_rank: int = 0, pp_size: int = 1) -> list[str]:
+    """HF tensor names one pipeline stage reads when loading (a tied LM head reads the embedding)."""
+    offset, _ = _layer_offset(hf_config, pp_rank, pp_size)
+    names: set[str] = set()
+    for name in megatron_names(hf_config, pp_rank=pp_rank, pp_size=pp_size):
+        names.update(hf_maps.hf_names_for(name, hf_config, offset)[0])
+    return sorted(names)
+
+
+def _validate_stage_subset(hf_state: dict, hf_config, pp_rank: int, pp_size: int) -> None:
+    expected = expected_hf_shapes(hf_config)
+    for name in stage_hf_names(hf_config, pp_rank=pp_rank, pp_size=pp_size):
+        if name not in hf_state:
+            raise ValueError(f"HF checkpoint: missing tensor {name}")
+        if tuple(hf_state[name].shape) != expected[name]:
+            raise ValueError(f"HF checkpoint: tensor {name} has shape {tuple(hf_state[name].shape)}, "
+                             f"config expects {expected[name]}")
+
+
 def hf_to_megatron(hf_state: dict, hf_config, *, tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0,
                    pp_size: int = 1) -> dict[str, torch.Tensor]:
     """This (TP, PP) rank's Megatron state dict (local-spec names, local layer indices)."""
     hf_config = load_hf_config(hf_config)
-    validate_hf_state(hf_state, hf_config)
+    if set(expected_hf_shapes(hf_config)) <= set(hf_state):
+        validate_hf_state(hf_state, hf_config)
+    else:  # only this stage's tensors were read (load_hf_state_dict(names=stage_hf_names(...)))
+        _validate_stage_subset(hf_state, hf_config, pp_rank, pp_size)
     offset, _ = _layer_offset(hf_config, pp_rank, pp_size)
     nh, ng, hd = hf_config.num_attention_heads, num_kv_heads(hf_config), head_dim(hf_config)
     if ng % tp_size or nh % tp_size:
@@ -240,9 +280,10 @@ def load_hf_into_model(model, hf_dir_or_state, hf_config) -> None:
     from megatron_copsd.megatron.model_provider import unwrap_model
 
     hf_config = load_hf_config(hf_config)
-    hf_state = hf_dir_or_state if isinstance(hf_dir_or_state, dict) else load_hf_state_dict(hf_dir_or_state)
     tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     pp_rank, pp_size = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
+    hf_state = hf_dir_or_state if isinstance(hf_dir_or_state, dict) else load_hf_state_dict(
+        hf_dir_or_state, names=stage_hf_names(hf_config, pp_rank=pp_rank, pp_size=pp_size))
     inner = unwrap_model(model)
     expected_offset, _ = _layer_offset(hf_config, pp_rank, pp_size)
     if _model_layer_offset(inner) != expected_offset:
@@ -262,43 +303,109 @@ def load_hf_into_model(model, hf_dir_or_state, hf_config) -> None:
             targets[name].copy_(src.to(dtype=targets[name].dtype))
 
 
-def gather_to_hf(local: dict[str, torch.Tensor], hf_config, *, where: str = "gathered model state") -> dict:
+def _stage_hf_shapes(hf_config, pp_rank: int, pp_size: int) -> dict[str, tuple[int, ...]]:
+    """HF names (sorted) and shapes that `_stage_to_hf` produces for one pipeline stage."""
+    offset, _ = _layer_offset(hf_config, pp_rank, pp_size)
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    shapes = expected_hf_shapes(hf_config)
+    names = []
+    for name in megatron_names(hf_config, pp_rank=pp_rank, pp_size=pp_size):
+        if tied and name == "output_layer.weight":
+            continue
+        names += hf_maps.hf_names_for(name, hf_config, offset)[0]
+    return {n: shapes[n] for n in sorted(names)}
+
+
+_WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _pp_transfer(buf, src_stage, pp_rank, pp_ranks, pp_group, only_first_rank) -> None:
+    """`buf` from stage `src_stage` to stage 0 (send/recv) or to every stage (broadcast), in place."""
+    import torch.distributed as dist
+
+    if not only_first_rank:
+        dist.broadcast(buf, src=pp_ranks[src_stage], group=pp_group)
+    elif pp_rank == src_stage:
+        dist.send(buf, dst=pp_ranks[0], group=pp_group)
+    elif pp_rank == 0:
+        dist.recv(buf, src=pp_ranks[src_stage], group=pp_group)
+
+
+def gather_to_hf(local: dict[str, torch.Tensor], hf_config, *, where: str = "gathered model state",
+                 only_first_rank: bool = False) -> dict | None:
     """HF-named full tensors from this rank's Megatron-named tensors (parameters, or their gradients),
-    assembled over the TP and PP groups; the result is on every rank. Collective over the model-parallel
-    group. Padding rows are dropped; a tied LM head is taken from the embedding (stage 0)."""
+    assembled over the TP and PP groups. Collective over the model-parallel group, tensor collectives only
+    (on the tensors' own device: NCCL needs device tensors). Padding rows are dropped; a tied LM head is
+    taken from the embedding (stage 0).
+
+    `only_first_rank=True`: the result (CPU tensors) is built only on the group's first rank (TP rank 0 of
+    pipeline stage 0); TP shards are gathered to TP rank 0 of each stage and each later stage sends its
+    converted tensors to stage 0, one tensor at a time. Every other rank returns None and never holds
+    more than its own shard plus one tensor in flight. Default: every rank gets the result."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     hf_config = load_hf_config(hf_config)
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_size, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     pp_rank, pp_size = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
+    holds_stage = not only_first_rank or tp_rank == 0
     tp_states: list[dict] = [dict() for _ in range(tp_size)]
-    for name in sorted(local):  # same order on every rank: the all_gathers pair up
+    device = torch.device("cpu")
+    for name in sorted(local):  # same order on every rank: the collectives pair up
         t = local[name].detach().contiguous()
-        if tp_size > 1:
+        device = t.device
+        if tp_size == 1:
+            parts = [t]
+        elif only_first_rank:
+            parts = [torch.empty_like(t) for _ in range(tp_size)] if tp_rank == 0 else None
+            dist.gather(t, parts, dst=dist.get_process_group_ranks(tp_group)[0], group=tp_group)
+        else:
             parts = [torch.empty_like(t) for _ in range(tp_size)]
             dist.all_gather(parts, t, group=tp_group)
-        else:
-            parts = [t]
-        for r in range(tp_size):
-            tp_states[r][name] = parts[r].cpu()
+        if holds_stage:
+            for r in range(tp_size):
+                tp_states[r][name] = parts[r].cpu()
+        del parts
+    if not holds_stage:
+        return None
     stage = _stage_to_hf(tp_states, hf_config, pp_rank, pp_size)
+    del tp_states
     if pp_size > 1:
-        stages: list = [None] * pp_size
-        dist.all_gather_object(stages, stage, group=parallel_state.get_pipeline_model_parallel_group())
-        stage = {k: v for s in stages for k, v in s.items()}
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        pp_ranks = dist.get_process_group_ranks(pp_group)  # global ranks in stage order
+        full = dict(stage) if (pp_rank == 0 or not only_first_rank) else {}
+        for src_stage in range(1, pp_size) if only_first_rank else range(pp_size):
+            shapes = _stage_hf_shapes(hf_config, src_stage, pp_size)
+            # Names and shapes follow from the config; dtypes may differ per tensor (torch norms stay fp32).
+            codes = torch.tensor([_WIRE_DTYPES.index(stage[n].dtype) for n in shapes] if pp_rank == src_stage
+                                 else [0] * len(shapes), dtype=torch.int64, device=device)
+            _pp_transfer(codes, src_stage, pp_rank, pp_ranks, pp_group, only_first_rank)
+            for (name, shape), code in zip(shapes.items(), codes.tolist()):
+                if pp_rank == src_stage:
+                    buf = stage[name].to(device)
+                elif pp_rank == 0 or not only_first_rank:
+                    buf = torch.empty(shape, dtype=_WIRE_DTYPES[code], device=device)
+                else:
+                    continue
+                _pp_transfer(buf, src_stage, pp_rank, pp_ranks, pp_group, only_first_rank)
+                if pp_rank != src_stage:
+                    full[name] = buf.cpu()
+        if only_first_rank and pp_rank != 0:
+            return None
+        stage = full
     validate_hf_state(stage, hf_config, where=where)
     return stage
 
 
-def gather_hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
-    """The full HF state dict (CPU tensors, padding dropped), assembled over the TP and PP groups and
-    returned on every rank. Collective: every rank of the model-parallel group must call it."""
+def gather_hf_state_dict(model, hf_config, *, only_first_rank: bool = False) -> dict[str, torch.Tensor] | None:
+    """The full HF state dict (CPU tensors, padding dropped), assembled over the TP and PP groups: on every
+    rank, or with `only_first_rank` only on the model-parallel group's first rank (None elsewhere).
+    Collective: every rank of the model-parallel group must call it."""
     from megatron_copsd.megatron.model_provider import unwrap_model
 
     local = {k: v for k, v in unwrap_model(model).state_dict().items() if not k.endswith("_extra_state")}
-    return gather_to_hf(local, hf_config)
+    return gather_to_hf(local, hf_config, only_first_rank=only_first_rank)
 
 
 # ----------------------------------------------------------------------------------- saving
