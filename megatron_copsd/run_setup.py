@@ -45,7 +45,7 @@ def _build_model(hf_dir, hf_config, params_dtype, overrides: dict):
     from megatron_copsd.megatron.model_provider import build_gpt_model
 
     model = build_gpt_model(hf_config, params_dtype=params_dtype, **overrides)
-    load_hf_into_model(model, str(hf_dir), hf_config)
+    load_hf_into_model(model, hf_dir if isinstance(hf_dir, dict) else str(hf_dir), hf_config)
     model.return_hidden_states = True
     return model
 
