@@ -103,8 +103,11 @@ def build_policy(cfg: Config, hf_dir, hf_config, params_dtype) -> Policy:
         from megatron_copsd.megatron.device import compute_device
         from megatron_copsd.megatron.model_provider import te_available
 
-        check_attention_memory(cfg, hf_config, use_te=te_available(),
-                               device_bytes=torch.cuda.get_device_properties(compute_device()).total_memory)
+        try:
+            device_bytes = torch.cuda.get_device_properties(compute_device()).total_memory
+        except (RuntimeError, AssertionError, ValueError):  # no real device (the dry run's fake CUDA)
+            device_bytes = None
+        check_attention_memory(cfg, hf_config, use_te=te_available(), device_bytes=device_bytes)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

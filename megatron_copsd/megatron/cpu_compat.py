@@ -6,19 +6,22 @@
 megatron-core assumes CUDA in a handful of places that matter for a CPU/gloo run. This module covers
 exactly those and nothing else (see docs/platform.md):
 
-1. `torch.cuda.current_device()` -> 0 (RoPE moves `inv_freq` there; item 3 maps the index to CPU).
+1. `torch.cuda.current_device()` -> `torch.device("cpu")` (RoPE moves `inv_freq` there; the sequence-
+   parallel all-gather allocates on it inside autograd backward, where the mode of item 3 is not active).
 2. The CUDA RNG used by `tensor_parallel.random` (the model-parallel RNG tracker and its fork, used by
    attention dropout and weight init) -> the CPU default generator.
 3. Tensors created with `device="cuda"` (e.g. `total_num_tokens` in the pipeline schedules) and
    `.cuda()` calls -> CPU, through a `TorchFunctionMode` pushed once, so megatron-core stays untouched.
 4. `torch.cuda.synchronize()` -> no-op.
-5. `Tensor.type()` without arguments answers the CUDA type name for CPU tensors, because Megatron's
+5. megatron's causal-mask builders (hard-coded `device="cuda"`, also called inside recomputation) -> CPU.
+6. `Tensor.type()` without arguments answers the CUDA type name for CPU tensors, because Megatron's
    optimizer wrappers and `clip_grad_by_total_norm_fp32` check parameter/gradient types by string.
 
 On a machine with CUDA none of this is installed, so GPU behaviour is unchanged.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -88,6 +91,26 @@ def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
     return original(self, dtype, non_blocking, **kwargs)
 
 
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    m = torch.tril(m, diagonal=skv - sq + window_size[1]) if window_size[1] >= 0 else m
+    m = torch.triu(m, diagonal=skv - sq - window_size[0]) if window_size[0] >= 0 else m
+    return ~m
+
+
+# megatron builds its causal masks with a hard-coded device="cuda". The mode below rewrites that, but
+# a mode is not active inside custom autograd Functions (activation recomputation re-runs attention in
+# one), so the two mask builders are replaced outright.
+_CPU_MASKS = {"get_default_causal_mask": _cpu_causal_mask,
+              "get_sliding_window_causal_mask": _cpu_sliding_window_mask}
+
+
 def is_active() -> bool:
     """True once `enable_cpu_compat()` installed the layer (never on a CUDA machine)."""
     return _STATE["active"]
@@ -111,6 +134,13 @@ def enable_cpu_compat(force: bool = False) -> bool:
         saved["random._get_cuda_rng_state"] = mp_random._get_cuda_rng_state
         saved["random._set_cuda_rng_state"] = mp_random._set_cuda_rng_state
         saved["Tensor.type"] = torch.Tensor.type
+        from megatron.core.fusions import fused_softmax
+        from megatron.core.transformer import utils as mt_utils
+
+        for mod in (mt_utils, fused_softmax):
+            for fn in ("get_default_causal_mask", "get_sliding_window_causal_mask"):
+                saved[(mod, fn)] = getattr(mod, fn)
+                setattr(mod, fn, _CPU_MASKS[fn])
 
         # A CPU device rather than index 0: megatron allocates with `device=torch.cuda.current_device()`
         # inside autograd backward (sequence-parallel all-gather), where the mode below is not active.
@@ -147,6 +177,9 @@ def disable_cpu_compat() -> None:
         mp_random._get_cuda_rng_state = saved["random._get_cuda_rng_state"]
         mp_random._set_cuda_rng_state = saved["random._set_cuda_rng_state"]
         torch.Tensor.type = saved["Tensor.type"]
+        for key, fn in saved.items():
+            if isinstance(key, tuple):
+                setattr(key[0], key[1], fn)
         _STATE.update(active=False, mode=None, saved={})
 
 
