@@ -44,7 +44,8 @@ def _pick(impl: str, x: torch.Tensor) -> str:
 def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None,
                             divergence="forward_kl", beta=0.5, temperature=1.0, token_clip=None,
                             loss_weight=None, tp_group=None, vocab_start=0, valid_vocab=None,
-                            impl="auto", chunk_size=None, mode="auto", memory_budget=None) -> DivergenceResult:
+                            impl="auto", chunk_size=None, mode="auto", memory_budget=None,
+                            clip_mode="entry") -> DivergenceResult:
     """Exact full-vocabulary divergence between student q = softmax(W h_s / tau) and teacher
     p = softmax(W_t h_t / tau) over the (possibly vocab-parallel) LM head, without [T, V] logits.
 
@@ -52,12 +53,17 @@ def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_w
     vocab_start + V_local - 1 of the global head); teacher_weight: teacher's shard (default: weight, detached).
     divergence: "forward_kl" KL(p||q), "reverse_kl" KL(q||p), "jsd" generalized JSD_beta with
     M = beta p + (1-beta) q (beta=0 -> forward KL, beta=1 -> reverse KL).
-    Returns DivergenceResult(loss = sum_t loss_weight[t] * min(div_t, token_clip), per_token = div_t).
+    token_clip c (None: no clip) with clip_mode "entry" (default; the COPSD reference's clip): every
+    (position, vocabulary entry) term d_tv of the divergence is clamped at c before the vocabulary sum, so
+    only the clamped entries stop contributing gradient; "position": the per-position divergence is clamped
+    (min(div_t, c); a clipped position gives no gradient).
+    Returns DivergenceResult(loss = sum_t loss_weight[t] * clipped_t, per_token = div_t (unclipped),
+    clipped_count, clipped_mass: see types.DivergenceResult).
     Gradients: student_hidden (full, already summed over tp_group) and weight (local shard) only.
     Global vocab rows >= valid_vocab are padding and excluded from every softmax.
     """
     check_divergence_inputs(student_hidden, teacher_hidden, weight, teacher_weight, temperature, token_clip,
-                            loss_weight)
+                            loss_weight, clip_mode)
     kind = resolve_divergence(divergence, beta)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -72,10 +78,10 @@ def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_w
         return reference.fused_linear_divergence(
             student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, divergence=divergence,
             beta=beta, temperature=temperature, token_clip=token_clip, loss_weight=loss_weight,
-            tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab)
+            tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab, clip_mode=clip_mode)
     kw = dict(teacher_weight=teacher_weight, kind=kind, beta=beta, temperature=temperature, token_clip=token_clip,
               loss_weight=loss_weight, tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, clip_mode=clip_mode)
     if which == "triton":
         from . import divergence_store
         if divergence_store.resolve_mode(mode, student_hidden.shape[0], weight.shape[0], student_hidden.dtype,

@@ -9,7 +9,11 @@ Divergence, forward (gradients are computed here; backward only scales them by g
              local (logsumexp a, logsumexp b, E)               (E = E_p[b-a] or E_q[a-b] on the shard)
              all_gather [TP, T_c, 3] -> fixed-order combine    (collective 1)
              JSD only: local (sum p log(p/M), sum q log(q/M)) -> all_reduce SUM [T_c, 2]       (collective 2)
-             dZ = coef_t * dDiv/da  (coef = loss_weight * not_clipped / tau)
+             token_clip, clip_mode="entry" (default): one more local pass over the normalized log-probs: the
+               terms d_v, U = {d_v <= c}, (sum_v min(d_v, c), S_U = sum_{v in U} g_v, #clipped, clipped mass)
+               -> all_gather [TP, T_c, 4] -> fixed-order sum                                  (collective 3)
+             dZ = coef_t * dLoss_t/da  (coef = loss_weight / tau; entry clip: g [U] - q S_U with
+               g_v = q_v dd_v/dq_v; position clip: coef 0 on positions with div > c)
              dH_s[chunk] = dZ W,  dW += dZ^T H_s               (2 GEMMs, fp32 accumulation)
   end:       all_reduce SUM of dH_s over the TP group (the caller gets the full student gradient)
 Log-probs, forward: a, local (logsumexp, target logit, E_q[a]) -> all_gather -> combine.
@@ -25,7 +29,8 @@ import math
 import torch
 
 from . import tp
-from .types import DivergenceResult, GradInForwardDivergence, LogprobResult, divergence_opts, local_valid
+from .types import (FwdBwdOut, GradInForwardDivergence, LogprobResult, divergence_opts, divergence_result,
+                    local_valid, position_clip)
 
 CHUNK_ELEMENTS = 1 << 23  # 32 MB per fp32 [T_c, V_local] buffer (4 live): big GEMMs, well under Liger's memory
 BLOCK_ELEMENTS = 1 << 18  # elementwise passes run on ~1 MB row blocks so consecutive passes hit the L2 cache
@@ -64,22 +69,25 @@ def _run_stages(stages, num_rows, block_rows, single_rank):
             fn(r)
 
 
-def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, group, nv, need_dh, need_dw,
-                        chunk_size):
-    """Returns (per_token [T] fp32, dhs [T,H] fp32 | None, dw [V_local,H] fp32 | None); the gradients are of
-    sum_t loss_weight_t * min(div_t, clip).
+def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, vocab_total, loss_weight, group, nv,
+                        need_dh, need_dw, chunk_size) -> FwdBwdOut:
+    """Returns FwdBwdOut (per_token [T] fp32, clipped token_loss, clip_stats, dhs [T,H] fp32 | None,
+    dw [V_local,H] fp32 | None); the gradients are of sum_t loss_weight_t * token_loss_t.
 
     Per chunk, with A = a - max_a, X = exp(A), B = b - max_b, Y = exp(B) (so q = X u_a, p = Y u_b with the
     per-row u = exp(max - lse)), every buffer is preallocated and reused in place: 2 exp + (JSD) 1 log per
-    logit, no [T_c, V] temporaries. Row scales of the logit gradient are applied to the [T_c, H] GEMM
-    operands instead of the [T_c, V] buffer."""
+    logit, no [T_c, V] temporaries (the per-entry clip pass uses a few row-block temporaries). Row scales of
+    the logit gradient are applied to the [T_c, H] GEMM operands instead of the [T_c, V] buffer."""
     num_t, dev = hs.shape[0], hs.device
+    entry = clip is not None and clip_mode == "entry"
     # default teacher head = the student's weights (detached view): one fp32 copy and one GEMM over the
     # stacked hidden states per chunk (~7% faster than two GEMMs on CPU)
     shared = tw.data_ptr() == w.data_ptr() and tw.dtype == w.dtype and tw.stride() == w.stride()
     wv = w[:nv].float()  # [nv, H]; no copy when already fp32
     twv = wv if shared else tw[:nv].float()
     per_token = torch.empty(num_t, dtype=torch.float32, device=dev)
+    token_loss = torch.empty(num_t, dtype=torch.float32, device=dev) if entry else None
+    clip_stats = torch.empty(num_t, 2, dtype=torch.float32, device=dev) if entry else None
     need_grad = need_dh or need_dw
     dhs = torch.zeros(hs.shape, dtype=torch.float32, device=dev) if need_dh else None
     dw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_dw else None
@@ -89,16 +97,21 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
     inv_tau = 1.0 / tau
     # JSD only (beta in (0, 1) there): M = (1 - beta) (q + ratio p)
     lc, ratio = (math.log1p(-beta), beta / (1.0 - beta)) if kind == "jsd" else (0.0, 0.0)
-    bufs = torch.empty(4 * tc, nv, dtype=torch.float32, device=dev)  # a chunk's A, B, X, Y, adjacent
+    # a chunk's A, B, X, Y (adjacent) and, for JSD with the per-entry clip, log(q + ratio p) (B is still
+    # needed there, for log p)
+    nbuf = 5 if entry and kind == "jsd" else 4
+    bufs = torch.empty(nbuf * tc, nv, dtype=torch.float32, device=dev)
     scratch = torch.empty(rb, nv, dtype=torch.float32, device=dev)
-    st = torch.zeros(11, tc, dtype=torch.float32, device=dev)  # per-row statistics of the current chunk
-    ma, sa, mb, sb, e, lse_a, lse_b, div, d1, klqm, rscale = st
+    st = torch.zeros(15, tc, dtype=torch.float32, device=dev)  # per-row statistics of the current chunk
+    ma, sa, mb, sb, e, lse_a, lse_b, div, d1, klqm, rscale, closs, su, cnt, mss = st
     jl = st.new_zeros(tc, 2)  # JSD: local (KL(p||M), KL(q||M)) pieces, summed over ranks
+    cs = st.new_zeros(tc, 4)  # entry clip: local (sum_v min(d_v, c), S_U, #clipped, clipped mass)
     single = tp.tp_size(group) == 1
     for c0 in range(0, num_t, tc):
         c1 = min(num_t, c0 + tc)
         n = c1 - c0
         A, B, X, Y = bufs[:4 * n].view(4, n, -1).unbind(0)
+        L = bufs[4 * tc:4 * tc + n] if nbuf == 5 else B
         hs_c, ht_c = hs[c0:c1].float(), ht[c0:c1].float()
         if shared:  # [a; b] = [h_s; h_t] W^T / tau
             torch.mm(torch.cat([hs_c, ht_c]).mul_(inv_tau), wv.T, out=bufs[:2 * n])
@@ -138,7 +151,7 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
             if nv == 0:
                 return
             ua, ub = torch.exp(ma[r] - lse_a[r]), torch.exp(mb[r] - lse_b[r])
-            logz = torch.mul(X[r], ua[:, None], out=B[r]).addcmul_(Y[r], (ratio * ub)[:, None]).log_()
+            logz = torch.mul(X[r], ua[:, None], out=L[r]).addcmul_(Y[r], (ratio * ub)[:, None]).log_()
             # log M = log Z + log(1 - beta); A becomes log q - log M - (max_a - lse_a - log(1 - beta))
             d_pz = _rowdot(Y[r], logz, scratch)
             d_qa = _rowdot(X[r], A[r].sub_(logz), scratch)
@@ -150,11 +163,53 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
             div[r] = beta * s[:, 0] + (1 - beta) * s[:, 1]  # JSD = beta KL(p||M) + (1-beta) KL(q||M)
             klqm[r] = s[:, 1]
 
+        def clip_sums(r):
+            """Per-entry clip: terms d_v from the normalized log-probs, U = {v: d_v <= c}. The logit gradient
+            is g_j [j in U] - q_j S_U with g_v = q_v dd_v/dq_v (forward KL -p_v, reverse KL
+            q_v (log q_v/p_v + 1), JSD (1-beta) q_v log(q_v/M_v)) and S_U = sum_{v in U} g_v; g [U] is kept
+            in the buffer G (Y for forward KL, A otherwise) for the gradient stage."""
+            if nv == 0:
+                cs[r] = 0.0
+                return
+            ua, ub = torch.exp(ma[r] - lse_a[r])[:, None], torch.exp(mb[r] - lse_b[r])[:, None]
+            if kind == "forward_kl":  # log p - log q = B + (max_b - lse_b) - (max_a - lse_a)
+                prob = Y[r] * ub
+                d = (B[r] + (mb[r] - lse_b[r] - ma[r] + lse_a[r])[:, None]).mul_(prob)
+                keep = d <= clip
+                g = torch.mul(prob, keep, out=Y[r]).neg_()
+            elif kind == "reverse_kl":  # log q - log p = A + (max_a - lse_a) - (max_b - lse_b)
+                prob = X[r] * ua
+                lr = A[r] + (ma[r] - lse_a[r] - mb[r] + lse_b[r])[:, None]
+                d = prob * lr
+                keep = d <= clip
+                g = torch.mul(lr.add_(1.0).mul_(prob), keep, out=A[r])
+            else:  # log q - log M = A + (max_a - lse_a - log(1-beta)); log p - log M = B + ... - log Z
+                q, p = X[r] * ua, Y[r] * ub
+                lqm = A[r] + (ma[r] - lse_a[r] - lc)[:, None]
+                lpm = (B[r] - L[r]).add_((mb[r] - lse_b[r] - lc)[:, None])
+                gq = lqm.mul_(q).mul_(1.0 - beta)  # (1 - beta) q log(q/M)
+                d = lpm.mul_(p).mul_(beta).add_(gq)
+                prob = p.mul_(beta).add_(q, alpha=1.0 - beta)  # M
+                keep = d <= clip
+                g = torch.mul(gq, keep, out=A[r])
+            cs[r, 0] = d.clamp_(max=clip).sum(1)
+            cs[r, 1] = g.sum(1)
+            cs[r, 2] = (~keep).sum(1)
+            cs[r, 3] = prob.masked_fill_(keep, 0.0).sum(1)
+
+        def clip_combine(r):
+            tot = cs[r] if single else tp.gather_stats(cs[r], group).sum(0)  # fixed rank order
+            closs[r], su[r], cnt[r], mss[r] = tot.unbind(1)
+
         def grad(r):
-            cf = coef[r] if clip is None else coef[r] * (div[r] <= clip)  # clipped tokens: no gradient
+            cf = coef[r] if clip is None or entry else coef[r] * (div[r] <= clip)  # position clip: no gradient
             if nv == 0:
                 return
             ua = torch.exp(ma[r] - lse_a[r])
+            if entry:  # dz = coef (g [U] - q S_U), written into X
+                G = Y[r] if kind == "forward_kl" else A[r]
+                X[r].mul_((-cf * ua * su[r])[:, None]).addcmul_(G, cf[:, None])
+                return
             if kind == "forward_kl":  # dz = coef (q - p), written into X
                 ub = torch.exp(mb[r] - lse_b[r])
                 X[r].mul_((cf * ua)[:, None]).addcmul_(Y[r], (-cf * ub)[:, None])
@@ -170,13 +225,18 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
         stages = [(False, stats), (True, combine)]
         if kind == "jsd":
             stages += [(False, jsd_sums), (True, jsd_combine)]
+        if entry:
+            stages += [(False, clip_sums), (True, clip_combine)]
         if need_grad:
             stages.append((False, grad))
         _run_stages(stages, n, rb, single)
         per_token[c0:c1] = div[:n]
+        if entry:
+            token_loss[c0:c1] = closs[:n]
+            clip_stats[c0:c1, 0], clip_stats[c0:c1, 1] = cnt[:n], mss[:n]
         if not need_grad:
             continue
-        if kind == "forward_kl":
+        if kind == "forward_kl" or entry:
             dz, s = X, None
         else:
             dz, s = A, rscale[:n, None]
@@ -188,20 +248,23 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, gr
             dw[:nv].addmm_(dz.T, hs_c if s is None else hs_c * s)
     if dhs is not None:
         tp.all_reduce_sum(dhs, group)
-    return per_token, dhs, dw
+    if clip is not None and not entry:
+        token_loss, clip_stats, _ = position_clip(per_token, clip, vocab_total)
+    return FwdBwdOut(per_token, token_loss, clip_stats, dhs, dw)
 
 
 def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None, kind, beta,
                             temperature, token_clip, loss_weight, tp_group, vocab_start, valid_vocab,
-                            chunk_size=None, fwd_bwd=None) -> DivergenceResult:
+                            chunk_size=None, clip_mode="entry", fwd_bwd=None):
     """Chunked implementation; `kind` is the resolved divergence (see types.resolve_divergence)."""
     tw = weight.detach() if teacher_weight is None else teacher_weight.detach()
     opts = divergence_opts(weight, kind=kind, beta=beta, temperature=temperature, token_clip=token_clip,
-                           tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size)
+                           tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size,
+                           clip_mode=clip_mode)
     lw = None if loss_weight is None else loss_weight.detach()
-    loss, per_token = GradInForwardDivergence.apply(student_hidden, teacher_hidden.detach(), weight, tw, lw,
-                                                    fwd_bwd or _divergence_fwd_bwd, opts)
-    return DivergenceResult(loss, per_token)
+    loss, per_token, stats = GradInForwardDivergence.apply(student_hidden, teacher_hidden.detach(), weight, tw, lw,
+                                                           fwd_bwd or _divergence_fwd_bwd, opts)
+    return divergence_result(loss, per_token, stats, opts["clip"])
 
 
 def _logprob_chunks(h, w, targets, *, tau, vocab_start, nv, group, chunk_size, fn):

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import tp
 from .triton_common import INTERPRET
-from .types import DivergenceResult, GradInForwardDivergence, divergence_opts
+from .types import GradInForwardDivergence, divergence_opts, divergence_result
 
 KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 CLIP_MODES = ("entry", "position")
@@ -251,7 +251,7 @@ def store_chunk_tokens(num_tokens: int, num_local: int, dtype: torch.dtype, memo
 
 
 def _store_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, loss_weight, group, nv, need_dh, need_dw,
-                   chunk_size, clip_mode="position", memory_budget=None, stats=None):
+                   chunk_size, clip_mode="position", memory_budget=None, stats=None, vocab_total=None):
     """Returns (per_token div, dhs fp32 | None, dw fp32 | None, per-token loss, clipped count, clipped mass);
     the gradients are of sum_t loss_weight_t * loss_t."""
     if clip_mode not in CLIP_MODES:
@@ -331,6 +331,7 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, clip_mode="position", vocab_total=None
     clipped sum (clip_mode="entry") or min(div, c) (clip_mode="position"). Position mode counts every valid
     entry (`vocab_total`, default this rank's shard times the TP size) of a clipped position, mass 1."""
     div, dhs, dw, loss_t, n_clip, m_clip = _store_fwd_bwd(hs, ht, w, tw, clip_mode=clip_mode, **opts)
+    loss_t = loss_t.clone()  # div and loss_t are rows of one buffer: a custom op's outputs may not alias
     if opts.get("clip") is None:
         return StoreOut(div, dhs, dw, None, None)
     if clip_mode == "entry":
@@ -353,44 +354,18 @@ def resolve_mode(mode: str, num_tokens: int, num_local: int, dtype, memory_budge
     return "recompute"
 
 
-class _StoreDivergence(torch.autograd.Function):
-    """Gradients are computed in the forward (the loss is terminal); backward scales them by grad_output."""
-
-    @staticmethod
-    def forward(ctx, hs, ht, w, tw, loss_weight, opts):
-        div, dhs, dw, loss_t, _, _ = _store_fwd_bwd(hs, ht, w, tw, loss_weight=loss_weight,
-                                                    need_dh=ctx.needs_input_grad[0],
-                                                    need_dw=ctx.needs_input_grad[2], **opts)
-        loss = loss_t.sum() if loss_weight is None else (loss_t * loss_weight.float()).sum()
-        ctx.save_for_backward(dhs, dw)
-        ctx.dtypes = (hs.dtype, w.dtype)
-        ctx.mark_non_differentiable(div)
-        return loss, div
-
-    @staticmethod
-    def backward(ctx, g_loss, _g_div):
-        dhs, dw = ctx.saved_tensors
-        ghs = None if dhs is None else (dhs * g_loss).to(ctx.dtypes[0])
-        gw = None if dw is None else (dw * g_loss).to(ctx.dtypes[1])
-        return ghs, None, gw, None, None, None
-
-
 def fused_linear_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None, kind, beta,
                             temperature, token_clip, loss_weight, tp_group, vocab_start, valid_vocab,
-                            chunk_size=None, clip_mode="position", memory_budget=None,
-                            fwd_bwd=None) -> DivergenceResult:
-    """Store-mode implementation; `kind` is the resolved divergence (see types.resolve_divergence).
-    clip_mode="position" (the API's token_clip) goes through `fwd_bwd` (api.py passes the custom op);
-    clip_mode="entry" (the reference's per-entry clip) through `_StoreDivergence`."""
+                            chunk_size=None, clip_mode="entry", memory_budget=None, fwd_bwd=None):
+    """Store-mode implementation; `kind` is the resolved divergence (see types.resolve_divergence); both
+    clip modes go through `fwd_bwd` (api.py passes the custom op)."""
     tw = weight.detach() if teacher_weight is None else teacher_weight.detach().to(weight.dtype)
     opts = divergence_opts(weight, kind=kind, beta=beta, temperature=temperature, token_clip=token_clip,
-                           tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size)
+                           tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab, chunk_size=chunk_size,
+                           clip_mode=clip_mode)
     opts.update(memory_budget=memory_budget)
     lw = None if loss_weight is None else loss_weight.detach()
     ht = teacher_hidden.detach().to(student_hidden.dtype)
-    if clip_mode == "entry" and token_clip is not None:
-        loss, per_token = _StoreDivergence.apply(student_hidden, ht, weight, tw, lw, dict(opts, clip_mode="entry"))
-    else:
-        loss, per_token = GradInForwardDivergence.apply(student_hidden, ht, weight, tw, lw,
-                                                        fwd_bwd or _divergence_fwd_bwd, opts)
-    return DivergenceResult(loss, per_token)
+    loss, per_token, stats = GradInForwardDivergence.apply(student_hidden, ht, weight, tw, lw,
+                                                           fwd_bwd or _divergence_fwd_bwd, opts)
+    return divergence_result(loss, per_token, stats, opts["clip"])

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .types import FwdBwdOut
+
 
 def group_name(group) -> str:
     return "" if group is None else group.group_name
@@ -62,17 +64,21 @@ def _placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("copsd::divergence_fwd_bwd", mutates_args=())
 def divergence_fwd_bwd(hs: Tensor, ht: Tensor, w: Tensor, tw: Tensor, loss_weight: Optional[Tensor], impl: str,
-                       group: str, opts_json: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(per_token [T] fp32, d loss/d hs [T, H] fp32 or [0], d loss/d w [V_local, H] fp32 or [0])."""
+                       group: str, opts_json: str, need_dh: bool,
+                       need_dw: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(per_token [T] fp32, clipped token_loss [T] or [0], clip_stats [T, 2] or [0] (both [0] without a clip),
+    d loss/d hs [T, H] fp32 or [0], d loss/d w [V_local, H] fp32 or [0]); see types.FwdBwdOut."""
     opts = json.loads(opts_json)
-    per_token, dhs, dw = _divergence_module(impl)._divergence_fwd_bwd(
+    out = _divergence_module(impl)._divergence_fwd_bwd(
         hs, ht, w, tw, loss_weight=loss_weight, need_dh=need_dh, need_dw=need_dw, group=_group(group), **opts)
-    return per_token, _placeholder(dhs, hs), _placeholder(dw, w)
+    return (out.per_token, _placeholder(out.token_loss, hs), _placeholder(out.clip_stats, hs),
+            _placeholder(out.dhs, hs), _placeholder(out.dw, w))
 
 
 def _workspace_rows(impl: str, num_t: int, num_local: int, chunk_size,
-                    memory_budget=None) -> list[tuple[int, torch.dtype, bool]]:
-    """(rows, dtype, uses_input_dtype) of the [rows, nv] buffers the implementation holds at its peak."""
+                    memory_budget=None, extra_buffer: bool = False) -> list[tuple[int, torch.dtype, bool]]:
+    """(rows, dtype, uses_input_dtype) of the [rows, nv] buffers the implementation holds at its peak
+    (extra_buffer: the chunked JSD with the per-entry clip keeps a fifth [T_c, nv] buffer)."""
     if impl == "store":  # the chunk's fp32 student + teacher logits and its dZ in the input dtype
         from .divergence_store import store_chunk_tokens
 
@@ -85,7 +91,8 @@ def _workspace_rows(impl: str, num_t: int, num_local: int, chunk_size,
     from .chunked import BLOCK_ELEMENTS, _chunk_len
 
     tc = _chunk_len(num_t, num_local, chunk_size)
-    return [(4 * tc, torch.float32, False), (max(1, min(tc, BLOCK_ELEMENTS // max(1, num_local))), torch.float32, False)]
+    return [((5 if extra_buffer else 4) * tc, torch.float32, False),
+            (max(1, min(tc, BLOCK_ELEMENTS // max(1, num_local))), torch.float32, False)]
 
 
 @divergence_fwd_bwd.register_fake
@@ -93,25 +100,32 @@ def _divergence_fake(hs, ht, w, tw, loss_weight, impl, group, opts_json, need_dh
     opts = json.loads(opts_json)
     num_t, nv = hs.shape[0], int(opts["nv"])
     per_token = hs.new_empty(num_t, dtype=torch.float32)
+    clip = opts.get("clip") is not None
+    entry = clip and opts.get("clip_mode", "entry") == "entry"
+    token_loss = hs.new_empty(num_t if clip else 0, dtype=torch.float32)
+    clip_stats = hs.new_empty((num_t, 2) if clip else (0,), dtype=torch.float32)
     stats = hs.new_empty(num_t, 8, dtype=torch.float32)  # per-token statistics (gathered over TP)
     dhs = hs.new_empty(hs.shape, dtype=torch.float32) if need_dh else hs.new_empty(0, dtype=torch.float32)
     dw = w.new_empty(w.shape, dtype=torch.float32) if need_dw else w.new_empty(0, dtype=torch.float32)
     if nv > 0 and (need_dh or need_dw or impl != "triton"):  # store mode keeps its logits even without grads
         bufs = [hs.new_empty(rows, nv, dtype=hs.dtype if own else dt)
                 for rows, dt, own in _workspace_rows(impl, num_t, w.shape[0], opts.get("chunk_size"),
-                                                     opts.get("memory_budget"))]
+                                                     opts.get("memory_budget"),
+                                                     extra_buffer=entry and opts.get("kind") == "jsd")]
         del bufs  # transient: freed before the op returns, as in the real kernel
     del stats
-    return per_token, dhs, dw
+    return per_token, token_loss, clip_stats, dhs, dw
 
 
 def divergence_via_op(impl: str):
     """A `fwd_bwd` callable for `GradInForwardDivergence` that goes through the custom op."""
 
     def fwd_bwd(hs, ht, w, tw, *, loss_weight, need_dh, need_dw, group, **opts):
-        per_token, dhs, dw = torch.ops.copsd.divergence_fwd_bwd(hs, ht, w, tw, loss_weight, impl, group_name(group),
-                                                                json.dumps(opts), bool(need_dh), bool(need_dw))
-        return per_token, (dhs if need_dh else None), (dw if need_dw else None)
+        per_token, token_loss, clip_stats, dhs, dw = torch.ops.copsd.divergence_fwd_bwd(
+            hs, ht, w, tw, loss_weight, impl, group_name(group), json.dumps(opts), bool(need_dh), bool(need_dw))
+        clip = opts.get("clip") is not None
+        return FwdBwdOut(per_token, token_loss if clip else None, clip_stats if clip else None,
+                         dhs if need_dh else None, dw if need_dw else None)
 
     return fwd_bwd
 

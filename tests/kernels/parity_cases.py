@@ -58,10 +58,15 @@ def assert_close(name, got, want, atol, rtol):
 
 
 def check_divergence(impl, *, T, H, V, dtype, divergence, beta=0.5, temperature=1.0, clip=False,
-                     separate_teacher=False, valid_vocab=None, seed=0, grad_tol=None, device="cpu", **impl_kw):
+                     separate_teacher=False, valid_vocab=None, seed=0, grad_tol=None, device="cpu", clip_mode="entry",
+                     **impl_kw):
+    """clip: False (none), True (a per-token-divergence quantile from pick_clip) or a number."""
     hs, ht, w, tw, lw = make_inputs(T, H, V, dtype, seed=seed, separate_teacher=separate_teacher, device=device)
-    kw = dict(divergence=divergence, beta=beta, temperature=temperature, valid_vocab=valid_vocab)
-    if clip:
+    kw = dict(divergence=divergence, beta=beta, temperature=temperature, valid_vocab=valid_vocab,
+              clip_mode=clip_mode)
+    if not isinstance(clip, bool):
+        kw["token_clip"] = clip
+    elif clip:
         probe = ref.fused_linear_divergence(hs.double(), ht.double(), w.double(),
                                             teacher_weight=None if tw is None else tw.double(), **kw)
         kw["token_clip"] = pick_clip(probe.per_token)

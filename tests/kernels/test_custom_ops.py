@@ -78,11 +78,14 @@ def test_logprob_op_autograd_matches_the_direct_path():
     torch.testing.assert_close(w1.grad, w2.grad)
 
 
-@pytest.mark.parametrize("need", [(True, True), (True, False), (False, False)])
-def test_opcheck_divergence_op(need):
+@pytest.mark.parametrize("need,clip", [((True, True), None), ((True, False), None), ((False, False), None),
+                                       ((True, True), "entry"), ((False, False), "position")])
+def test_opcheck_divergence_op(need, clip):
     import json
 
     hs, ht, w = _inputs()
-    opts = json.dumps(dict(kind="forward_kl", beta=0.5, tau=1.0, clip=None, nv=40, chunk_size=None))
+    opts = json.dumps(dict(kind="jsd" if clip == "entry" else "forward_kl", beta=0.5, tau=1.0,
+                           clip=None if clip is None else 0.05, clip_mode=clip or "entry", vocab_total=40, nv=40,
+                           chunk_size=None))
     torch.library.opcheck(torch.ops.copsd.divergence_fwd_bwd, (hs, ht, w, w, None, "chunked", "", opts, *need),
                           test_utils=("test_schema", "test_faketensor"))

@@ -28,16 +28,17 @@ def test_separate_teacher_weight(divergence, beta):
                      separate_teacher=True, temperature=1.1)
 
 
-def test_teacher_weight_gets_no_gradient_and_clip_zeroes_gradient():
+def test_teacher_weight_gets_no_gradient_and_position_clip_zeroes_gradient():
     hs, ht, w, tw, lw = make_inputs(16, 32, 200, torch.float32, separate_teacher=True)
     hs.requires_grad_(), w.requires_grad_(), tw.requires_grad_(), ht.requires_grad_()
     out = fused_linear_divergence(hs, ht, w, teacher_weight=tw, divergence="jsd", beta=0.5,
-                                  token_clip=1e-9, impl="chunked")
+                                  token_clip=1e-9, impl="chunked", clip_mode="position")
     out.loss.backward()
     assert tw.grad is None and ht.grad is None
     # every token is clipped: the loss is a constant, so no gradient at all
     assert hs.grad.abs().max() == 0 and w.grad.abs().max() == 0
     assert torch.allclose(out.loss, torch.tensor(16 * 1e-9))
+    assert (out.clipped_count == 200).all() and (out.clipped_mass == 1).all()
 
 
 def test_per_token_is_identical_to_the_reference_in_every_chunking():
@@ -51,6 +52,7 @@ def test_per_token_is_identical_to_the_reference_in_every_chunking():
 @pytest.mark.parametrize("bad,msg", [
     (dict(divergence="kl"), "divergence"), (dict(divergence="jsd", beta=1.5), "beta"),
     (dict(temperature=0.0), "temperature"), (dict(token_clip=-1.0), "token_clip"),
+    (dict(token_clip=0.1, clip_mode="token"), "clip_mode"),
     (dict(loss_weight=torch.ones(3)), "loss_weight"), (dict(impl="cuda"), "impl")])
 def test_bad_arguments_raise_value_error(bad, msg):
     hs, ht, w, _, _ = make_inputs(4, 8, 10, torch.float32)

@@ -87,8 +87,9 @@ def check_entry_clip(kind, beta, tau, dtype, separate_teacher):
     opts = divergence_opts(w, kind=kind, beta=beta, temperature=tau, token_clip=clip, tp_group=None, vocab_start=0,
                            valid_vocab=vv, chunk_size=8)
     res = ds._divergence_fwd_bwd(hs, ht, w, w if tw is None else tw, loss_weight=lw, need_dh=False, need_dw=False,
-                                 clip_mode="entry", **opts)
+                                 **dict(opts, clip_mode="entry"))
     assert int(res.clip_stats[:, 0].sum()) == want[4]  # clipped entries, counted like the reference
+    assert int(out.clipped_count.sum()) == want[4]
     torch.testing.assert_close(res.token_loss.double() @ lw.double(), want[0], atol=atol, rtol=rtol)
 
 
@@ -126,9 +127,9 @@ def run_checks(group):
                                                    ("reverse_kl", 0.5, 1.1, True, torch.float32),
                                                    ("jsd", 0.1, 2.0, True, torch.float32),
                                                    ("jsd", 0.5, 1.1, False, torch.bfloat16)]:
-            # clip=True is clip_mode="position" here: per-token min(div, c)
+            # clip_mode="position": per-token min(div, c)
             check_divergence("triton", mode="store", dtype=dtype, divergence=divergence, beta=beta,
-                             temperature=tau, clip=clip, separate_teacher=divergence == "reverse_kl",
+                             temperature=tau, clip=clip, clip_mode="position", separate_teacher=divergence == "reverse_kl",
                              grad_tol=TRITON_BF16_GRAD_TOL if dtype == torch.bfloat16 else None, **shape)
             print(f"store {divergence} beta={beta} tau={tau} position-clip={clip} {dtype}: ok", flush=True)
     elif group == "entry":

@@ -16,6 +16,28 @@ pytestmark = pytest.mark.kernels
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# the per-entry clip (issue 12) against the reference code's float64 formula at fp32 relative 1e-5:
+# (divergence, beta of the reference JSD, tau, clip); the full grid kinds x tau {1, 1.1} x clip
+# {none, 0.01, 0.05} runs with ENTRY_CLIP_GRID=1 (slow test below)
+ENTRY_CASES = [("forward_kl", 0.0, 1.1, 0.05), ("reverse_kl", 1.0, 1.0, 0.01), ("jsd", 0.5, 1.1, 0.01),
+               ("jsd", 0.5, 1.0, 0.05), ("forward_kl", 0.0, 1.0, None)]
+ENTRY_SHAPE = dict(T=13, H=16, V=75, valid=70, chunk_size=8)
+
+
+def entry_cases():
+    if os.environ.get("ENTRY_CLIP_GRID") != "1":
+        return ENTRY_CASES
+    return [(k, b, tau, c) for k, b in (("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", 0.5))
+            for tau in (1.0, 1.1) for c in (None, 0.01, 0.05)]
+
+
+def run_entry_clip_checks():
+    from tests.kernels.test_entry_clip import check_entry_clip
+    for divergence, beta, tau, clip in entry_cases():
+        check_entry_clip("triton", divergence=divergence, beta=beta, tau=tau, clip=clip, seed=2, **ENTRY_SHAPE)
+        print(f"entry clip {divergence} tau={tau} clip={clip}: ok", flush=True)
+
+
 def run_checks():
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
     import torch
@@ -38,14 +60,27 @@ def run_checks():
         print(f"logprobs {dtype} tau={tau}: ok", flush=True)
 
 
-def test_triton_kernels_match_reference_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+def _run_interpreted(grid: bool) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore", ENTRY_CLIP_GRID="1" if grid else "0")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + (["--entry-only"] if grid else []),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.stdout.count(": ok") == 10, proc.stdout
+    return proc.stdout
+
+
+def test_triton_kernels_match_reference_under_interpreter():
+    out = _run_interpreted(grid=False)
+    assert out.count(": ok") == 10 + len(ENTRY_CASES), out
+
+
+@pytest.mark.slow
+def test_triton_entry_clip_full_grid_under_interpreter():
+    out = _run_interpreted(grid=True)
+    assert out.count("entry clip") == 18 and out.count(": ok") == 18, out
 
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    run_checks()
+    if "--entry-only" not in sys.argv:
+        run_checks()
+    run_entry_clip_checks()
