@@ -54,8 +54,10 @@ def _recompute_args(kernel, T, H, V):
         return (hs, hs, w, w, _m(T, 3, dtype=f32), T, V, H, H, H, 1.0)
     if kernel is dt._jsd_sums_kernel:
         return (hs, hs, w, w, _m(T, 4, dtype=f32), _m(T, 4, dtype=f32), T, V, H, H, H, 1.0, -0.69, -0.69)
+    if kernel is dt._clip_sums_kernel:
+        return (hs, hs, w, w, _m(T, 4, dtype=f32), _m(T, 4, dtype=f32), T, V, H, H, H, 1.0, 0.05, 0.5, -0.69, -0.69)
     if kernel is dt._div_grad_kernel:
-        return (hs, hs, w, w, _m(T, 4, dtype=f32), _m(T, V), T, V, H, H, H, V, 1.0, 0.5, -0.69, -0.69)
+        return (hs, hs, w, w, _m(T, 4, dtype=f32), _m(T, V), T, V, H, H, H, V, 1.0, 0.5, -0.69, -0.69, 0.05)
     if kernel is lt._lp_stats_kernel:
         return (hs, w, _m(T, dtype=torch.int32), _m(T, 3, dtype=f32), T, V, H, H, H, 1.0)
     if kernel is lt._lp_grad_kernel:
@@ -76,6 +78,14 @@ def _store_args(kernel, T, H, V):
         return (z, z, _m(n, 4, dtype=f32), _m(n, V), V, V, V, V, 1.0, 0.05, 0.5)
     raise ValueError(kernel)
 
+# recompute-mode per-entry clip variants whose first config the default test run skips (the JSD ones, with
+# the most live registers, run by default; every variant runs in the slow tests and `python -m copsd_kernels.aot`)
+SLOW_VARIANTS = {"clip_sums[KIND=0]", "clip_sums[KIND=1]", "div_grad[KIND=0,CLIP_ENTRY]",
+                 "div_grad[KIND=1,CLIP_ENTRY]", "clip_sums[KIND=2]"}
+# known open problem: the JSD clip-sums kernel (two fp32 128 x 128 logits accumulators plus the mixture terms)
+# spills 200-280 B at the shipped 128 x 128 x 64 statistics tiles; its test is a strict xfail until fixed
+KNOWN_SPILLS = {"clip_sums[KIND=2]"}
+
 
 def _tile(c):
     return {k: v for k, v in c.items() if k.startswith("BLOCK")}
@@ -86,8 +96,12 @@ VARIANTS = (
     [(f"div_stats[KIND={k}]", dt._div_stats_kernel, STATS_CONFIGS, {"KIND": k}, _recompute_args, True)
      for k in (0, 1)]
     + [("jsd_sums", dt._jsd_sums_kernel, STATS_CONFIGS, {}, _recompute_args, True)]
-    + [(f"div_grad[KIND={k}]", dt._div_grad_kernel, GRAD_CONFIGS, {"KIND": k}, _recompute_args, True)
+    + [(f"div_grad[KIND={k}]", dt._div_grad_kernel, GRAD_CONFIGS, {"KIND": k, "CLIP_ENTRY": False},
+        _recompute_args, True) for k in (0, 1, 2)]
+    + [(f"clip_sums[KIND={k}]", dt._clip_sums_kernel, STATS_CONFIGS, {"KIND": k}, _recompute_args, True)
        for k in (0, 1, 2)]
+    + [(f"div_grad[KIND={k},CLIP_ENTRY]", dt._div_grad_kernel, GRAD_CONFIGS, {"KIND": k, "CLIP_ENTRY": True},
+        _recompute_args, True) for k in (0, 1, 2)]
     + [("lp_stats", lt._lp_stats_kernel, STATS_CONFIGS, {}, _recompute_args, True),
        ("lp_grad", lt._lp_grad_kernel, GRAD_CONFIGS, {}, _recompute_args, True)]
     + [("row_lse", ds._row_lse_kernel, ds.ROW_CONFIGS, {}, _store_args, False)]
