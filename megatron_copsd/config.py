@@ -264,7 +264,13 @@ class ObjectiveConfig:
     runs do (one temperature for sampling and for the loss; otherwise sampled_kl is off-policy); resolved
     when the config is built. A number overrides it, with a start-up warning when it differs."""
     token_clip: Optional[float] = None
-    """Clip each token's divergence from above (0.05 in the reference runs); clipped tokens give no grad."""
+    """Upper clamp c of the divergence (0.05 in the reference runs); None disables. How it applies: see
+    token_clip_mode."""
+    token_clip_mode: str = "entry"
+    """entry (the COPSD reference's clip): every (position, vocabulary entry) term of the divergence is clamped
+    at token_clip before the vocabulary sum, so only the clamped entries stop contributing gradient (negative
+    terms are never clamped); position: the per-position divergence is clamped and a clipped position gives no
+    gradient at all (our earlier behaviour). Applies to copsd and rosd, full-vocabulary and top-k losses."""
     teacher_top_k: Optional[int] = None
     """Restrict the divergence to the teacher's top-k tokens, renormalised (cheaper baseline, chunked torch)."""
     teacher: str = "fixed"
@@ -298,6 +304,7 @@ class ObjectiveConfig:
             _check_positive("objective.temperature", self.temperature)
         if self.token_clip is not None:
             _check_positive("objective.token_clip", self.token_clip)
+        _check_choice("objective.token_clip_mode", self.token_clip_mode, ("entry", "position"))
         if self.teacher_top_k is not None:
             _check_positive("objective.teacher_top_k", self.teacher_top_k)
         _check_choice("objective.teacher", self.teacher, ("fixed", "ema", "dynamic"))

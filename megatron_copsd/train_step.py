@@ -24,7 +24,8 @@ import torch
 from megatron_copsd import objective as obj
 from megatron_copsd.batching import MicroBatch, gather_response_hidden
 
-METRIC_KEYS = ("loss", "tokens", "divergence_sum", "clipped_tokens", "kl_sum", "tis_weight_sum", "ratio_sum",
+METRIC_KEYS = ("loss", "tokens", "divergence_sum", "clipped_tokens", "clipped_entry_frac_sum", "clipped_mass_sum",
+               "kl_sum", "tis_weight_sum", "ratio_sum",
                "nll_sum", "logprob_gap_sum", "logprob_abs_gap_sum", "gap_tokens")
 
 
@@ -37,6 +38,7 @@ class ObjectiveSpec:
     beta: float = 0.5
     temperature: float = 1.0
     token_clip: Optional[float] = None
+    token_clip_mode: str = "entry"  # entry (the reference's per-entry clamp) | position
     teacher_top_k: Optional[int] = None
     rollout_temperature: float = 1.0
     clip_eps_low: float = 0.2
@@ -158,8 +160,8 @@ def _student_objective(mb: MicroBatch, h, w, start, valid, spec: ObjectiveSpec, 
         loss, metrics = obj.copsd_loss(
             h, mb.teacher_out, w, mb.mask, num_global_tokens, teacher_weight=teacher_weight,
             divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature,
-            token_clip=spec.token_clip, teacher_top_k=spec.teacher_top_k, tp_group=_tp_group(),
-            vocab_start=start, valid_vocab=valid)
+            token_clip=spec.token_clip, token_clip_mode=spec.token_clip_mode, teacher_top_k=spec.teacher_top_k,
+            tp_group=_tp_group(), vocab_start=start, valid_vocab=valid)
         return loss, metrics, None
     if spec.name == "rosd":
         lp, iw = None, None
@@ -173,8 +175,8 @@ def _student_objective(mb: MicroBatch, h, w, start, valid, spec: ObjectiveSpec, 
         loss, metrics = obj.rosd_loss(
             h, mb.teacher_out, w, mb.mask, num_global_tokens, importance_weight=iw, loss=spec.rosd_loss,
             top_k=spec.rosd_top_k, teacher_weight=teacher_weight, divergence=spec.divergence, beta=spec.beta,
-            temperature=spec.temperature, token_clip=spec.token_clip, tp_group=_tp_group(), vocab_start=start,
-            valid_vocab=valid)
+            temperature=spec.temperature, token_clip=spec.token_clip, token_clip_mode=spec.token_clip_mode,
+            tp_group=_tp_group(), vocab_start=start, valid_vocab=valid)
         return loss, metrics, lp
     if spec.name == "sampled_kl":
         lp = _logprobs(h, w, mb.targets, temperature=spec.temperature, vocab_start=start, valid_vocab=valid)

@@ -429,7 +429,7 @@ def objective_spec(cfg: Config, hf_config, separate_teacher_weights: bool) -> Ob
     o = cfg.objective
     return ObjectiveSpec(
         name=o.name, divergence=o.divergence, beta=o.beta, temperature=o.temperature, token_clip=o.token_clip,
-        teacher_top_k=o.teacher_top_k, rollout_temperature=cfg.rollout.temperature,
+        token_clip_mode=o.token_clip_mode, teacher_top_k=o.teacher_top_k, rollout_temperature=cfg.rollout.temperature,
         clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high, kl_coef=o.kl_coef, tis_cap=o.tis_cap,
         valid_vocab=hf_config.vocab_size, separate_teacher_weights=separate_teacher_weights,
         rosd_loss=cfg.rosd.loss, rosd_top_k=cfg.rosd.top_k)
@@ -468,7 +468,10 @@ def _derived_metrics(m: dict, objective: str) -> dict:
     if objective in ("copsd", "rosd", "sampled_kl"):
         out["divergence"] = m["divergence_sum"] / n
     if objective in ("copsd", "rosd", "grpo"):
-        out["clip_fraction"] = m["clipped_tokens"] / n
+        out["clip_fraction"] = m["clipped_tokens"] / n  # copsd/rosd: positions with a clipped entry
+    if objective in ("copsd", "rosd"):  # the token clip's share: of the (position, entry) terms, of the mass
+        out["clip_entry_fraction"] = m["clipped_entry_frac_sum"] / n
+        out["clip_mass"] = m["clipped_mass_sum"] / n
     if objective == "rosd":
         out["tis_weight_mean"] = m["tis_weight_sum"] / n
     if objective == "grpo":

@@ -10,9 +10,9 @@ caller), not averaged per micro-batch; (2) the divergence is exact over the full
 [tokens x vocab] logits (fused kernel), in fp32; (3) the fixed teacher is a frozen full copy rather
 than the base model with LoRA disabled.
 
-Metrics are *sums* over this call's tokens (keys ending in `_sum` or counting tokens), so callers can
-add them over micro-batches and ranks before dividing; plus `per_token_divergence` ([T], detached,
-unclipped) for diagnostics.
+Metrics are *sums* over this call's tokens (keys ending in `_sum` or counting tokens; the clip statistics
+of `divergence.clip_metrics`), so callers can add them over micro-batches and ranks before dividing;
+plus `per_token_divergence` ([T], detached, unclipped) for diagnostics.
 Pure torch: no Megatron imports, no config reads.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .divergence import token_divergence
+from .divergence import _tp_size, clip_metrics, token_divergence
 
 
 def copsd_loss(
@@ -40,7 +40,10 @@ def copsd_loss(
     tp_group=None,
     vocab_start: int = 0,
     valid_vocab: Optional[int] = None,
+    token_clip_mode: str = "entry",
 ) -> tuple[torch.Tensor, dict]:
+    """token_clip with token_clip_mode "entry" (default; the reference's clip) clamps every (position,
+    vocabulary entry) term before the vocabulary sum; "position" clamps each position's divergence."""
     if num_global_tokens <= 0:
         raise ValueError(f"num_global_tokens must be > 0, got {num_global_tokens}")
     mask = mask.float()
@@ -48,12 +51,14 @@ def copsd_loss(
         student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, divergence=divergence, beta=beta,
         temperature=temperature, token_clip=token_clip, loss_weight=mask / float(num_global_tokens),
         teacher_top_k=teacher_top_k, tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab,
+        clip_mode=token_clip_mode,
     )
     div = res.per_token.detach()
+    vocab = valid_vocab or weight.shape[0] * _tp_size(tp_group)
     metrics = {
         "tokens": mask.sum(),
         "divergence_sum": (div * mask).sum(),
-        "clipped_tokens": ((div > token_clip).float() * mask).sum() if token_clip is not None else mask.new_zeros(()),
+        **clip_metrics(res, mask, vocab if teacher_top_k is None else min(teacher_top_k, vocab)),
         "per_token_divergence": div,
     }
     return res.loss, metrics

@@ -13,7 +13,8 @@ min(pi_train(y_t) / pi_rollout(y_t), cap) (the caller computes it; see rosd.topk
 `loss="full_vocab"` (our default): the exact full-vocabulary divergence through the fused kernel, no
 [T, V] logits. `loss="topk_tail"`: the paper's variant -- the student's top-k tokens plus one tail bin
 holding the remaining mass (rosd.topk_tail), on logits materialized one chunk of tokens at a time and
-recomputed in backward. No RL term (as in the paper). Pure torch: no Megatron, no config reads.
+recomputed in backward; the per-entry token clip (`token_clip_mode="entry"`, default) clamps each of the k + 1
+bins' terms. No RL term (as in the paper). Pure torch: no Megatron, no config reads.
 """
 from __future__ import annotations
 
@@ -21,39 +22,54 @@ from typing import Optional
 
 import torch
 import torch.utils.checkpoint
+from copsd_kernels.types import DivergenceResult
 
-from .divergence import _full_logits, token_divergence
+from .divergence import _full_logits, _tp_size, clip_metrics, clip_terms, token_divergence
 
 TOPK_TAIL_CHUNK_ELEMENTS = 1 << 21
 
 
-def _topk_tail_chunk(hs, ht, w, tw, top_k, divergence, beta, tau, tp_group, vocab_start, valid_vocab):
-    from megatron_copsd.rosd.topk_tail import topk_tail_divergence
+def _topk_tail_chunk(hs, ht, w, tw, top_k, divergence, beta, tau, tp_group, vocab_start, valid_vocab, token_clip,
+                     clip_mode):
+    from megatron_copsd.rosd.topk_tail import topk_tail_terms
 
     zs = _full_logits(hs, w, 1.0, tp_group, vocab_start, valid_vocab)  # [T_c, V]
     with torch.no_grad():
         zt = _full_logits(ht, tw, 1.0, tp_group, vocab_start, valid_vocab)
-    return topk_tail_divergence(zs, zt, top_k=top_k, divergence=divergence, beta=beta, temperature=tau)
+    terms, prob = topk_tail_terms(zs, zt, top_k=top_k, divergence=divergence, beta=beta, temperature=tau)
+    clipped, div, count, mass = clip_terms(terms, prob, token_clip, clip_mode)
+    return (clipped, div) if count is None else (clipped, div, count, mass)
 
 
 def topk_tail_token_divergence(student_hidden, teacher_hidden, weight, *, teacher_weight=None, top_k: int,
                                divergence: str, beta: float, temperature: float, tp_group=None,
-                               vocab_start: int = 0, valid_vocab: Optional[int] = None) -> torch.Tensor:
-    """[T] per-token top-k + tail divergence, chunked over tokens (gradient-checkpointed per chunk)."""
+                               vocab_start: int = 0, valid_vocab: Optional[int] = None, token_clip=None,
+                               clip_mode: str = "entry", loss_weight=None) -> DivergenceResult:
+    """Top-k + tail divergence chunked over tokens (gradient-checkpointed per chunk), returned like the fused
+    kernel: DivergenceResult(sum_t loss_weight_t * clipped_t, per_token [T] unclipped, clipped_count,
+    clipped_mass). token_clip clamps each of the k + 1 bins' terms (clip_mode="entry") or the per-token sum
+    (clip_mode="position"; a clipped token keeps its value but gives no gradient)."""
+    if clip_mode not in ("entry", "position"):
+        raise ValueError(f"clip_mode must be entry or position, got {clip_mode!r}")
     tw = (weight if teacher_weight is None else teacher_weight).detach()
     ht = teacher_hidden.detach()
     vocab = valid_vocab or weight.shape[0]
     chunk = max(1, TOPK_TAIL_CHUNK_ELEMENTS // max(1, vocab))
-    out = []
+    parts = []
     for c0 in range(0, student_hidden.shape[0], chunk):
         c1 = min(student_hidden.shape[0], c0 + chunk)
         args = (student_hidden[c0:c1], ht[c0:c1], weight, tw, top_k, divergence, beta, temperature, tp_group,
-                vocab_start, valid_vocab)
+                vocab_start, valid_vocab, token_clip, clip_mode)
         if torch.is_grad_enabled() and (student_hidden.requires_grad or weight.requires_grad):
-            out.append(torch.utils.checkpoint.checkpoint(_topk_tail_chunk, *args, use_reentrant=False))
+            parts.append(torch.utils.checkpoint.checkpoint(_topk_tail_chunk, *args, use_reentrant=False))
         else:
-            out.append(_topk_tail_chunk(*args))
-    return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
+            parts.append(_topk_tail_chunk(*args))
+    if not parts:
+        empty = student_hidden.new_zeros(0, dtype=torch.float32)
+        return DivergenceResult(empty.sum(), empty)
+    cols = [torch.cat(c) for c in zip(*parts)]
+    lw = torch.ones_like(cols[1]) if loss_weight is None else loss_weight.float()
+    return DivergenceResult((lw * cols[0]).sum(), cols[1], *cols[2:])
 
 
 def rosd_loss(
@@ -74,9 +90,11 @@ def rosd_loss(
     tp_group=None,
     vocab_start: int = 0,
     valid_vocab: Optional[int] = None,
+    token_clip_mode: str = "entry",
 ) -> tuple[torch.Tensor, dict]:
     """Returns (loss, metrics); metrics are sums over this call's masked-in tokens: tokens,
-    divergence_sum (unweighted, unclipped), clipped_tokens, tis_weight_sum; plus per_token_divergence [T]."""
+    divergence_sum (unweighted, unclipped), the clip statistics of `clip_metrics`, tis_weight_sum; plus
+    per_token_divergence [T]. token_clip_mode: see copsd_kernels.fused_linear_divergence's clip_mode."""
     if num_global_tokens <= 0:
         raise ValueError(f"num_global_tokens must be > 0, got {num_global_tokens}")
     if loss not in ("full_vocab", "topk_tail"):
@@ -87,21 +105,21 @@ def rosd_loss(
     if loss == "full_vocab":
         res = token_divergence(student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight,
                                divergence=divergence, beta=beta, temperature=temperature, token_clip=token_clip,
-                               loss_weight=lw, tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab)
-        total, div = res.loss, res.per_token.detach()
+                               loss_weight=lw, tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab,
+                               clip_mode=token_clip_mode)
+        support = valid_vocab or weight.shape[0] * _tp_size(tp_group)
     else:
-        per = topk_tail_token_divergence(student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight,
+        res = topk_tail_token_divergence(student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight,
                                          top_k=top_k, divergence=divergence, beta=beta, temperature=temperature,
-                                         tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab)
-        # a clipped token keeps its value but gives no gradient (as in the fused kernel)
-        clipped = per if token_clip is None else torch.where(per <= token_clip, per,
-                                                             per.detach().clamp(max=token_clip))
-        total, div = (lw * clipped).sum(), per.detach()
+                                         tp_group=tp_group, vocab_start=vocab_start, valid_vocab=valid_vocab,
+                                         token_clip=token_clip, clip_mode=token_clip_mode, loss_weight=lw)
+        support = min(top_k, valid_vocab or weight.shape[0] * _tp_size(tp_group)) + 1
+    div = res.per_token.detach()
     metrics = {
         "tokens": mask.sum(),
         "divergence_sum": (div * mask).sum(),
-        "clipped_tokens": ((div > token_clip).float() * mask).sum() if token_clip is not None else mask.new_zeros(()),
+        **clip_metrics(res, mask, support),
         "tis_weight_sum": (iw * mask).sum(),
         "per_token_divergence": div,
     }
-    return total, metrics
+    return res.loss, metrics

@@ -30,17 +30,21 @@ def _binned(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, tail], dim=-1)
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum p (log p - log q) with 0 * log 0 = 0 (empty tail bins)."""
-    p = logp.exp()
-    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
-    return (p * diff).sum(-1)
-
-
 def topk_tail_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: int = 100,
                          divergence: str = "jsd", beta: float = 0.5, temperature: float = 1.0,
                          valid_vocab: int | None = None) -> torch.Tensor:
     """Per-token divergence [T] over top-k + tail bins of `student_logits` / `teacher_logits` [T, V]."""
+    return topk_tail_terms(student_logits, teacher_logits, top_k=top_k, divergence=divergence, beta=beta,
+                           temperature=temperature, valid_vocab=valid_vocab)[0].sum(-1)
+
+
+def topk_tail_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: int = 100,
+                    divergence: str = "jsd", beta: float = 0.5, temperature: float = 1.0,
+                    valid_vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bin terms [T, k+1] of the top-k + tail divergence (their row sums are the divergence; the
+    per-entry token clip clamps each of them) and the probability weighting each term (p, q or M)."""
+    from megatron_copsd.objective.divergence import divergence_terms
+
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"expected equal [T, V] logits, got {tuple(student_logits.shape)} and "
                          f"{tuple(teacher_logits.shape)}")
@@ -60,16 +64,7 @@ def topk_tail_divergence(student_logits: torch.Tensor, teacher_logits: torch.Ten
         idx = logq.detach().topk(min(top_k, logq.shape[-1]), dim=-1).indices
         logp = _binned(logp_full, idx)
     logq = _binned(logq, idx)
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
-    if divergence == "forward_kl":
-        return _kl(logp, logq)
-    if divergence == "reverse_kl":
-        return _kl(logq, logp)
-    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-    return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+    return divergence_terms(logp, logq, divergence, beta)
 
 
 def truncated_importance_weight(train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, *,

@@ -115,9 +115,9 @@ def test_topk_divergence_full_k_equals_exact_and_clip():
     full = copsd_loss(hs, ht, w, torch.ones(5), 5.0)[0]
     topk = copsd_loss(hs, ht, w, torch.ones(5), 5.0, teacher_top_k=11)[0]
     torch.testing.assert_close(full, topk, atol=1e-5, rtol=1e-5)
-    res = topk_divergence(hs, ht, w, k=3, token_clip=1e-4)
+    res = topk_divergence(hs, ht, w, k=3, token_clip=1e-4, clip_mode="position")
     res.loss.backward()
-    # every token's top-3 divergence exceeds the tiny clip -> no gradient flows
+    # position clip: every token's top-3 divergence exceeds the tiny clip -> no gradient flows
     assert (res.per_token > 1e-4).all() and hs.grad.abs().max().item() == 0.0
     res2 = topk_divergence(hs, ht, w, k=3, valid_vocab=9)
     assert torch.isfinite(res2.per_token).all()
