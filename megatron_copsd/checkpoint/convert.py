@@ -425,6 +425,22 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def publish_hf_dir(tmp: Path, out_dir: Path, weight_map: dict, total_size: int, hf_config, tokenizer_dir,
+                   *, num_files: int) -> None:
+    """Completes a HF folder whose safetensors files are already in `tmp` (the index when there are several
+    files, config.json, the tokenizer files) and moves it to `out_dir` in one rename."""
+    if num_files > 1:
+        (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total_size},
+                                                  "weight_map": weight_map}, indent=2))
+    hf_config.save_pretrained(str(tmp))
+    if tokenizer_dir is not None:
+        for fname in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copy2(src, tmp / fname)
+    _replace_dir(tmp, out_dir)
+
+
 def save_hf_checkpoint(hf_state: dict, hf_config, out_dir: str | os.PathLike, *, tokenizer_dir=None,
                        max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Writes config.json + safetensors shards (+ index when >1 shard) + tokenizer files, atomically:
@@ -454,17 +470,8 @@ def save_hf_checkpoint(hf_state: dict, hf_config, out_dir: str | os.PathLike, *,
             save_file({n: hf_state[n].detach().cpu().contiguous().clone() for n in shard}, str(tmp / fname),
                       metadata={"format": "pt"})
             weight_map.update({n: fname for n in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in hf_state.values())
-            (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2))
-        hf_config.save_pretrained(str(tmp))
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / fname
-                if src.is_file():
-                    shutil.copy2(src, tmp / fname)
-        _replace_dir(tmp, out_dir)
+        total = sum(t.numel() * t.element_size() for t in hf_state.values())
+        publish_hf_dir(tmp, out_dir, weight_map, total, hf_config, tokenizer_dir, num_files=len(shards))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

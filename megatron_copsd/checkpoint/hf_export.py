@@ -12,7 +12,6 @@ nothing is left at `out_dir`).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -24,14 +23,12 @@ import torch.distributed as dist
 
 from megatron_copsd.checkpoint import hf_maps
 from megatron_copsd.checkpoint.convert import (
-    SAFE_INDEX,
-    TOKENIZER_FILES,
     _layer_offset,
     _name_to_hf,
-    _replace_dir,
     expected_hf_shapes,
     load_hf_config,
     megatron_names,
+    publish_hf_dir,
 )
 
 
@@ -125,13 +122,4 @@ def _finish(everyone: list, hf_config, tmp: Path, out_dir: Path, tokenizer_dir) 
         os.replace(tmp / fname, tmp / final)
         weight_map.update({n: final for n in names})
         total += (tmp / final).stat().st_size
-    if len(files) > 1:
-        (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
-    hf_config.save_pretrained(str(tmp))
-    if tokenizer_dir is not None:
-        for fname in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / fname
-            if src.is_file():
-                shutil.copy2(src, tmp / fname)
-    _replace_dir(tmp, out_dir)
+    publish_hf_dir(tmp, out_dir, weight_map, total, hf_config, tokenizer_dir, num_files=len(files))
