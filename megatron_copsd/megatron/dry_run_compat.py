@@ -44,6 +44,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from megatron_copsd.megatron.cpu_compat import _is_cuda_device
+
 META = torch.device("meta")
 _PROJECT_MARKERS = ("megatron_copsd", "copsd_kernels", "/kernels/", "megatron/core")
 _SKIP_MARKERS = ("dry_run_compat.py", "torch/utils/_python_dispatch", "torch/overrides.py")
@@ -73,14 +75,6 @@ def _where(limit: int = 3) -> str:
         return name
 
     return " <- ".join(f"{short(f.filename)}:{f.lineno} in {f.name}" for f in reversed(shown)) or "(outside project code)"
-
-
-def _is_cuda_device(dev) -> bool:
-    if isinstance(dev, torch.device):
-        return dev.type == "cuda"
-    if isinstance(dev, str):
-        return dev.startswith("cuda")
-    return isinstance(dev, int) and not isinstance(dev, bool)
 
 
 class _CudaToMetaMode(TorchFunctionMode):
