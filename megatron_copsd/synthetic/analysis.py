@@ -3,6 +3,8 @@
     rates = script_rates(records, ["qge", "qva"])          # {(method, lang): share of Latin-script answers}
     curves = training_curves({"copsd-s0": run_dir, ...})    # {metric: {method: [[value per step] per seed]}}
     plot_learning_curves(curves["accuracy"], out / "learning_curves.png")
+    at_k = at_k_curves(rows, "pass")                        # {(method, lang): [(k, mean over seeds)]}
+    plot_at_k(rows, "maj", ["eng", "qge", "qva"], out / "maj_at_k.png")
 
 Script: the grader accepts an answer whatever language the reasoning is written in, so a method could gain
 accuracy by drifting to English. The target languages are written in the Ge'ez and Vai blocks; a greedy
@@ -12,6 +14,10 @@ response counts as "Latin script" when more than half of its letters are Latin (
 Curves come from each trainer run's `metrics.jsonl`: `accuracy` is the share of correct rollouts of the
 step (sampled at the rollout temperature, on training prompts), `zero_adv_share` the share of prompts
 whose samples all got the same reward (no GRPO signal).
+
+pass@k / maj@k per method: the per-model rows of `megatron_copsd.eval.metrics.compute_metrics` (one per
+seed) averaged over seeds, one panel per language, one line per method (the per-seed curves are in the
+eval report).
 """
 from __future__ import annotations
 
@@ -106,6 +112,56 @@ def plot_learning_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: 
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def at_k_curves(rows: Sequence[dict], metric: str) -> dict:
+    """{(method, lang): [(k, mean over seeds of metric@k, num seeds)]} from `compute_metrics` rows."""
+    per: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        method = split_label(r["model"])[0]
+        for key, v in r.items():
+            if key.startswith(f"{metric}@") and isinstance(v, (int, float)):
+                per[(method, r["lang"])][int(key.split("@")[1])].append(float(v))
+    return {mk: [(k, statistics.fmean(v), len(v)) for k, v in sorted(ks.items())] for mk, ks in per.items()}
+
+
+def plot_at_k(rows: Sequence[dict], metric: str, langs: Sequence[str], path: Path) -> Path | None:
+    """One panel per language, `metric`@k against k per method (mean over seeds); None without samples."""
+    curves = at_k_curves(rows, metric)
+    langs = [lang for lang in langs if any(lg == lang for _, lg in curves)]
+    if not langs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for m, _ in curves))
+    fig, axes = plt.subplots(1, len(langs), figsize=(4.2 * len(langs), 3.8), squeeze=False, sharey=True)
+    for ax, lang in zip(axes[0], langs):
+        for method in methods:
+            pts = curves.get((method, lang))
+            if pts:
+                seeds = max(n for _, _, n in pts)
+                ax.plot([k for k, _, _ in pts], [v for _, v, _ in pts], marker="o", markersize=3,
+                        label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})")
+        ks = sorted({k for pts in curves.values() for k, _, _ in pts})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("k")
+        ax.set_title(f"{lang}: {metric}@k")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric}@k (mean over seeds)")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

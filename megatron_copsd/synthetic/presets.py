@@ -1,11 +1,13 @@
 """Settings of the benchmark's modes: `quick` (one seed, minutes on 2 CPU cores), `full` (5 seeds,
-bigger budgets) and `smoke` (the e2e test's shortened run). A mode is plain data; `run.py` executes it.
+bigger budgets), `hard` (harder problems where GRPO's reward gets sparse; its own base model) and `smoke`
+(the e2e test's shortened run). Methods: `METHOD_SPECS` (the main three and the ablation's variants). A mode is plain data; `run.py` executes it.
 
 Every method of a mode gets the same rollout budget: `steps x prompts_per_step x n` sampled responses
 of at most `max_new_tokens`, the same seeds, the same training problems and the same evaluation.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_copsd.synthetic.corpus import CorpusSpec
@@ -13,7 +15,51 @@ from megatron_copsd.synthetic.evaluate import EvalSettings
 from megatron_copsd.synthetic.generator import GeneratorConfig
 from megatron_copsd.synthetic.pretrain import BaseModelSpec, TinyModelSpec
 
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A benchmark method: the trainer objective it runs and the objective settings that define it."""
+
+    objective: str
+    """`objective.name` of the trainer config."""
+    overrides: dict = field(default_factory=dict)
+    """Dotted trainer-config fields of this method, applied before the mode's and tuning's overrides."""
+    doc: str = ""
+
+
+# COPSD's reference objective settings: every (position, vocabulary entry) term of the divergence clamped at
+# 0.05, and the loss temperature equal to the sampling temperature.
+COPSD_REFERENCE = {"objective.token_clip": 0.05, "objective.token_clip_mode": "entry",
+                   "objective.temperature": "auto"}
+# The benchmark's `copsd` keeps the reference's loss temperature but not its token clip; chosen on the dev
+# split (quick budget, lr 1e-4, forward KL; never the eval split): without the clip dev accuracy on the
+# target languages was 0.477 (seed 0) vs 0.141 with it (see DEV_CLIP_NOTE). `copsd_ref` runs the reference's
+# settings as they are.
+COPSD_DEFAULT = {**COPSD_REFERENCE, "objective.token_clip": None}
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "copsd": MethodSpec("copsd", {**COPSD_DEFAULT, "objective.divergence": "forward_kl"},
+                        "COPSD, forward KL, loss temperature = sampling temperature, no token clip (chosen on dev)"),
+    "copsd_ref": MethodSpec("copsd", {**COPSD_REFERENCE, "objective.divergence": "forward_kl"},
+                            "COPSD with the reference's settings: forward KL, per-entry token clip 0.05, loss "
+                            "temperature = sampling temperature"),
+    "copsd_rkl": MethodSpec("copsd", {**COPSD_DEFAULT, "objective.divergence": "reverse_kl"},
+                            "COPSD with reverse KL (ablation)"),
+    "copsd_jsd": MethodSpec("copsd", {**COPSD_DEFAULT, "objective.divergence": "jsd", "objective.beta": 0.5},
+                            "COPSD with JSD, beta 0.5 (ablation)"),
+    "grpo": MethodSpec("grpo", {}, "GRPO, binary reward, group-normalized advantages"),
+    "sampled_kl": MethodSpec("sampled_kl", {}, "sampled-token KL to the privileged-context teacher"),
+}
+"""Every method name the benchmark knows (labels `<method>-s<seed>`: a name never contains '-s')."""
+
 METHODS = ("copsd", "grpo", "sampled_kl")
+"""The main comparison (quick and full)."""
+
+ABLATION_METHODS = ("copsd", "copsd_rkl", "copsd_jsd", "sampled_kl", "copsd_ref")
+"""`--ablation`: the divergence of COPSD's loss (forward KL, reverse KL, JSD 0.5) and the sampled-token
+objective, same budget, same token clip (none) and loss temperature; plus `copsd_ref` (forward KL with the
+reference's per-entry token clip 0.05) to measure the clip on the eval set too."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +124,15 @@ QUICK = Mode(
     num_dev=128,
 )
 
-# Full mode: the same base model (cached once), 2.5x the trainer budget, 5 seeds, 8 eval samples.
+# Full mode: the same base model (cached once), 2.5x the trainer budget, 5 seeds, 8 eval samples on the
+# first 128 problems per language (greedy on all 512). Sampling 8 answers for all 512 x 3 problems made one
+# checkpoint's eval ~8x the sampled part of quick's (estimated ~4 min per run on the loaded 2-core machine,
+# longer than its training); 5 seeds x 3 methods at one thread then did not fit an hour.
 FULL = Mode(
     name="full",
     base=BASE,
     train=TrainSettings(steps=40),
-    eval=EvalSettings(num_samples=8, max_batch_size=256),
+    eval=EvalSettings(num_samples=8, sample_problems=128, max_batch_size=256),
     seeds=(0, 1, 2, 3, 4),
     num_eval=512,
     num_dev=128,
@@ -112,4 +161,22 @@ SMOKE = Mode(
     extra_overrides={"objective.temperature": 1.0},
 )
 
-MODES = {m.name: m for m in (QUICK, FULL, SMOKE)}
+# The harder regime: 2-3 operations per problem, multiplication, numbers up to 20 and results up to 99, so
+# a base model pretrained the same way is right far less often and GRPO's groups of 4 samples often all get
+# reward 0 (zero advantage: no signal), while COPSD still gets a dense per-token signal from its teacher.
+# Its own base model (another cache entry, pretrained once, ~6-7 min at one thread) and longer answers
+# (~63 tokens with the easy regime's tokenizer, 95th percentile 83: measured on 300 problems). The summary's
+# training-curve table and zero_advantage_share.png show the share of zero-advantage groups per method.
+HARD_GEN = GeneratorConfig(min_steps=2, max_steps=3, max_value=20, ops=("add", "sub", "mul"), max_multiplier=3,
+                           max_result=99)
+HARD = Mode(
+    name="hard",
+    base=BaseModelSpec(corpus=dataclasses.replace(BASE.corpus, gen=HARD_GEN), steps=300),
+    train=TrainSettings(steps=24, max_new_tokens=112),
+    eval=EvalSettings(num_samples=4, sample_problems=128, max_batch_size=256, max_new_tokens=128),
+    seeds=(0,),
+    num_eval=512,
+    num_dev=128,
+)
+
+MODES = {m.name: m for m in (QUICK, FULL, HARD, SMOKE)}

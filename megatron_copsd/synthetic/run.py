@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_copsd.synthetic.presets import METHODS, MODES, Mode
+from megatron_copsd.synthetic.presets import ABLATION_METHODS, METHOD_SPECS, MODES, Mode
 
 TARGET_LANGS = ("qge", "qva")
 
@@ -37,7 +37,11 @@ TARGET_LANGS = ("qge", "qva")
 def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir: Path,
                    overrides: dict | None = None) -> dict:
     """The trainer config (nested dict, `megatron_copsd.config` field names) of one method and seed;
-    `overrides`: dotted fields applied last (the settings chosen by tuning)."""
+    `overrides`: dotted fields applied last (the settings chosen by tuning). Order: the method's own
+    settings (`METHOD_SPECS`), the mode's `extra_overrides`, then `overrides`."""
+    if method not in METHOD_SPECS:
+        raise ValueError(f"unknown benchmark method {method!r}; choose from {sorted(METHOD_SPECS)}")
+    spec = METHOD_SPECS[method]
     t = mode.train
     hf = str(base_root / "hf")
     cfg = {
@@ -46,14 +50,14 @@ def trainer_config(mode: Mode, method: str, seed: int, base_root: Path, run_dir:
                  "task": "math", "prompts_per_step": t.prompts_per_step, "max_prompt_tokens": 512},
         "rollout": {"engine": "embedded", "n": t.n, "max_new_tokens": t.max_new_tokens,
                     "temperature": t.temperature, "top_p": 1.0, "top_k": -1, "max_batch_size": 64},
-        "objective": {"name": method, "divergence": t.divergence, "teacher": t.teacher},
+        "objective": {"name": spec.objective, "divergence": t.divergence, "teacher": t.teacher},
         "optim": {"lr": t.lr, "clip_grad": t.clip_grad, "weight_decay": 0.0, "decay_style": "constant"},
         "train": {"steps": t.steps, "seed": seed, "output_dir": str(run_dir), "cpu_threads": mode.cpu_threads},
         "checkpoint": {"save_every": 0, "resume": "none", "export_hf": True},
         "eval": {"every": -1},
         "logging": {"tensorboard": False, "progress_bar": False},
     }
-    for dotted, value in {**mode.extra_overrides, **(overrides or {})}.items():
+    for dotted, value in {**spec.overrides, **mode.extra_overrides, **(overrides or {})}.items():
         node = cfg
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -143,9 +147,9 @@ def mode_from_config(path: str | None, mode_name: str | None) -> Mode:
         if "seeds" in data:
             mode = dataclasses.replace(mode, seeds=tuple(int(s) for s in data["seeds"]))
         if "methods" in data:
-            bad = [m for m in data["methods"] if m not in METHODS]
+            bad = [m for m in data["methods"] if m not in METHOD_SPECS]
             if bad:
-                raise ValueError(f"methods: unknown {bad}; choose from {list(METHODS)}")
+                raise ValueError(f"methods: unknown {bad}; choose from {sorted(METHOD_SPECS)}")
             mode = dataclasses.replace(mode, methods=tuple(data["methods"]))
         for key in ("num_eval", "num_dev"):
             if key in data:
@@ -167,7 +171,14 @@ def parse_args(argv):
     p.add_argument("--config", default=None, help="YAML: mode, seeds, methods, train: {...}, eval: {...}")
     p.add_argument("--out", required=True, help="output folder (metrics, report, runs)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="trainer seeds (default: the mode's)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: the mode's methods")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHOD_SPECS), default=None,
+                   help="default: the mode's methods (copsd, grpo, sampled_kl)")
+    p.add_argument("--ablation", action="store_true",
+                   help=f"the divergence ablation: methods {' '.join(ABLATION_METHODS)} (forward KL, reverse KL, "
+                        "JSD 0.5, sampled-token), same budget; the summary gets its own ablation table")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished runs in --out (a run whose config is unchanged and whose eval was saved) "
+                        "and the saved base eval; render the summary over the requested seeds")
     p.add_argument("--cache", default=None, help="base-model cache folder (default: <out>/../.synth-cache)")
     p.add_argument("--train-steps", type=int, default=None, help="override the mode's trainer steps")
     p.add_argument("--skip-train", action="store_true", help="only build and evaluate the base model")
@@ -184,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = mode_from_config(args.config, args.mode)
     if args.seeds:
         mode = dataclasses.replace(mode, seeds=tuple(args.seeds))
-    if args.methods:
-        mode = dataclasses.replace(mode, methods=tuple(args.methods))
+    if args.methods and args.ablation:
+        raise ValueError("--ablation sets the methods itself; drop --methods")
+    if args.methods or args.ablation:
+        mode = dataclasses.replace(mode, methods=tuple(args.methods or ABLATION_METHODS))
     if args.train_steps:
         mode = dataclasses.replace(mode, train=dataclasses.replace(mode.train, steps=args.train_steps))
     out = Path(args.out).resolve()
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve() if args.cache else out.parent / ".synth-cache"
-    summary = bench(mode, out, cache, skip_train=args.skip_train, jobs=args.jobs, tune=args.tune)
+    summary = bench(mode, out, cache, skip_train=args.skip_train, jobs=args.jobs, tune=args.tune,
+                    resume=args.resume)
     print(f"\n[synth-bench] done in {summary['timings']['total']:.0f}s wall, "
           f"{summary['cpu_seconds']['total']:.0f} CPU-s (load average {_load_average()})")
     for k, v in summary["files"].items():
@@ -204,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=None, jobs: int | None = None,
-          tune: bool = False) -> dict:
+          tune: bool = False, resume: bool = False) -> dict:
     """Runs the whole benchmark for `mode` into `out`; returns {timings, cpu_seconds, files, rows}.
     `jobs`: trainer runs (each followed by its eval) at once; default min(2, CPU count). `tune`: choose
-    each method's settings on the dev split first (synthetic/tuning.py), then run those on eval."""
+    each method's settings on the dev split first (synthetic/tuning.py), then run those on eval. `resume`:
+    reuse the base eval and every finished run (trainer config and eval settings unchanged, eval saved
+    after it finished) found in `out`; the summary covers `mode.seeds` x `mode.methods` either way."""
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     import torch
 
@@ -247,7 +263,12 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
         log(f"[eval] {label}: greedy accuracy {accs}")
         return recs
 
-    records = evaluate(base_root / "hf", "base")
+    eval_key = {"eval": dataclasses.asdict(mode.eval), "num_eval": mode.num_eval,
+                "examples": len(examples), "base": str(base_root)}
+    records = _reuse(out / "base_eval", eval_key, log) if resume else None
+    if records is None:
+        records = evaluate(base_root / "hf", "base")
+        _save(out / "base_eval", eval_key, records)
     # Diagnostic: the base model as COPSD teacher (greedy, privileged English context) on target languages.
     with stage("eval teacher(base)"):
         teacher_recs = evaluate_checkpoint(base_root / "hf", targets, label="teacher(base)",
@@ -271,13 +292,22 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
             run_dir = out / "runs" / label
             log(f"[train] {label}: {mode.train.steps} steps x {mode.train.prompts_per_step} prompts x "
                 f"{mode.train.n} rollouts ({run_dir / 'train.log'})")
+            cfg = trainer_config(mode, method, seed, base_root, run_dir, chosen.get(method))
+            key = {**eval_key, "trainer_config": cfg}
+            recs = _reuse(run_dir / "bench_eval", key, log) if resume else None
+            if recs is not None:
+                saved = json.loads((run_dir / "bench_eval.json").read_text()).get("seconds", {})
+                for k, (wall, c) in saved.items():  # the reused run's own timings, marked as such
+                    timings[f"{k} (reused)"], cpu[f"{k} (reused)"] = wall, c
+                return label, str(run_dir / "hf"), recs
             t = time.time()
-            hf, child_cpu = run_trainer(trainer_config(mode, method, seed, base_root, run_dir, chosen.get(method)),
-                                        run_dir, log)
+            hf, child_cpu = run_trainer(cfg, run_dir, log)
             timings[f"train {label}"], cpu[f"train {label}"] = time.time() - t, child_cpu
             t, c = time.time(), time.thread_time()
             recs = evaluate_checkpoint(hf, examples, label=label, settings=mode.eval, log=log)
             timings[f"eval {label}"], cpu[f"eval {label}"] = time.time() - t, time.thread_time() - c
+            _save(run_dir / "bench_eval", key, recs,
+                  seconds={k: (timings[k], cpu[k]) for k in (f"train {label}", f"eval {label}")})
             log(f"[eval] {label}: greedy accuracy "
                 + ", ".join(f"{lang} {greedy_accuracy(recs, lang):.3f}" for lang in ("eng", *TARGET_LANGS)))
             return label, str(hf), recs
@@ -352,6 +382,32 @@ def eval_set(mode: Mode, base_root: Path, out: Path) -> tuple[list[dict], int]:
     if dev:
         write_jsonl(examples_of(dev, langs, "dev"), out / "data" / "dev.jsonl")
     return examples, len(evals)
+
+
+def _save(stem: Path, key: dict, records: list, seconds: dict | None = None) -> None:
+    """Saves a finished eval (`<stem>.jsonl`) and what produced it (`<stem>.json`, written last: a run
+    interrupted between the two is not reused)."""
+    from megatron_copsd.eval.metrics import write_scored_generations
+
+    write_scored_generations(records, stem.with_suffix(".jsonl"))
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"key": key, "seconds": seconds or {}}, default=str))
+    tmp.replace(stem.with_suffix(".json"))
+
+
+def _reuse(stem: Path, key: dict, log) -> list | None:
+    """The records saved by `_save` when they were produced by exactly `key`; None otherwise (logged)."""
+    from megatron_copsd.eval.metrics import read_scored_generations
+
+    meta, recs = stem.with_suffix(".json"), stem.with_suffix(".jsonl")
+    if not (meta.is_file() and recs.is_file()):
+        return None
+    saved = json.loads(meta.read_text()).get("key")
+    if saved != json.loads(json.dumps(key, default=str)):
+        log(f"[resume] {stem}: settings changed since it was saved; running it again")
+        return None
+    log(f"[resume] reusing {recs}")
+    return read_scored_generations(recs)
 
 
 def _first_per_lang(examples: list[dict], n: int) -> list[dict]:

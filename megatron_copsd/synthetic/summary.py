@@ -152,6 +152,48 @@ def analysis_sections(records: Sequence, methods: Sequence[str], target_langs: S
     return md, files
 
 
+ABLATION_REFERENCE = "copsd"
+
+
+def ablation_table(comparisons: Sequence[dict], records: Sequence, methods: Sequence[str],
+                   settings: dict, target_langs: Sequence[str], *, num_resamples: int = 10_000) -> list[str]:
+    """Markdown lines: the divergence ablation (COPSD's forward KL, reverse KL, JSD, the sampled-token
+    objective) on the target languages pooled, each row against `copsd` (forward KL) with its paired
+    interval. Empty unless the run has `copsd` and at least one other COPSD divergence."""
+    from megatron_copsd.eval.stats import method_intervals
+
+    variants = [m for m in methods if m != "base"]
+    others = [m for m in variants if m != ABLATION_REFERENCE
+              and (settings.get(m) or {}).get("objective") == "copsd"]
+    if ABLATION_REFERENCE not in variants or not others or not records:
+        return []
+    scope = "targets" if len(target_langs) > 1 else target_langs[0]
+    md = ["## Divergence ablation", "",
+          "Same budget, seeds and problems; every COPSD row with the same token clip and loss temperature, only "
+          "the divergence differs. Accuracy: greedy, target languages pooled, with its 95% interval; the "
+          f"difference to `{ABLATION_REFERENCE}` (forward KL) is paired, a winner only where its interval excludes 0.",
+          "", "| method | loss | accuracy (targets) | - copsd (forward KL) | 95% CI | winner |",
+          "|---|---|---|---|---|---|"]
+    for m in variants:
+        s = settings.get(m) or {}
+        loss = s.get("divergence", "") if s.get("objective") == "copsd" else s.get("objective", m)
+        if s.get("objective") == "sampled_kl":
+            loss = "sampled-token KL"
+        acc = _ci(method_intervals(records, m, list(target_langs), num_resamples=num_resamples))
+        if m == ABLATION_REFERENCE:
+            md.append(f"| {m} | {loss} | {acc} | - | - | - |")
+            continue
+        row = next((r for r in comparisons if {r["a"], r["b"]} == {m, ABLATION_REFERENCE} and r["lang"] == scope), None)
+        if row is None:
+            continue
+        diff, lo, hi = row["diff"], row["low"], row["high"]
+        if row["a"] != m:  # orient as m - copsd
+            diff, lo, hi = -diff, -hi, -lo
+        md.append(f"| {m} | {loss} | {acc} | {diff:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+                  f"{row['winner'] or 'none (CI contains 0)'} |")
+    return md + [""]
+
+
 def settings_table(settings: dict) -> list[str]:
     """Markdown lines: one row per method with the objective settings it ran with ('-': not applicable)."""
     if not settings:
@@ -166,6 +208,14 @@ def settings_table(settings: dict) -> list[str]:
           "| method | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for method, s in settings.items():
         md.append(f"| {method} | " + " | ".join(fmt(s[k]) if k in s else "-" for k in keys) + " |")
+    reference = [m for m, s in settings.items() if s.get("objective") == "copsd" and s.get("token_clip") == 0.05
+                 and s.get("token_clip_mode") == "entry" and s.get("loss_temperature") == s.get("rollout_temperature")]
+    if reference:
+        md += ["", "COPSD reference settings (per-entry token clip 0.05, loss temperature = sampling temperature): "
+               + ", ".join(reference) + "."]
+    departures = [m for m, s in settings.items() if s.get("objective") == "copsd" and m not in reference]
+    if departures:
+        md += ["Departures from the reference settings: " + ", ".join(departures) + "."]
     return md + [""]
 
 
@@ -202,6 +252,9 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
             md.append(f"| {lang} | " + " | ".join(_cell(agg.get((m, lang), {}).get(metric)) for m in methods) + " |")
         md.append("")
     md += settings_table(info.get("objective_settings") or {})
+    if records:
+        md += ablation_table(comparisons, records, methods, info.get("objective_settings") or {}, target_langs,
+                             num_resamples=num_resamples)
     from megatron_copsd.synthetic.tuning import tuning_table
 
     md += tuning_table(info.get("tuning") or {})
@@ -210,6 +263,18 @@ def write_summary(rows: Sequence[dict], out_dir: Path, *, target_langs: Sequence
                                                script=info.get("script_metric", True))
         md += analysis_md
         report_files = {**report_files, **plots}
+    at_k = []
+    for metric in ("pass", "maj"):
+        from megatron_copsd.synthetic.analysis import plot_at_k
+
+        name = f"{metric}_at_k_per_method.png"
+        if plot_at_k(rows, metric, langs, out_dir / name) is not None:
+            report_files = {**report_files, f"{metric}@k per method": str(out_dir / name)}
+            at_k.append(f"![{metric}@k per method]({name})")
+    if at_k:
+        md += ["## pass@k and maj@k per method", "",
+               "Sampled answers (eval temperature) on the first problems of each language; mean over seeds, one "
+               "panel per language.", ""] + at_k + [""]
     cpu = info.get("cpu_seconds", {})
     md += ["## Notes: what was tried", ""] + [f"- {n}" for n in RECIPE_NOTES] + [""]
     md += ["## Timing", "", f"Wall seconds (CPU seconds of this process and its trainer runs); load average at the end "

@@ -29,9 +29,13 @@ KNOBS: dict[str, tuple[str, tuple[Any, ...]]] = {
 
 def grid(method: str) -> list[dict]:
     """The settings tried for `method` (dotted trainer-config overrides), in a fixed order."""
-    if method not in KNOBS:
-        raise ValueError(f"no tuning knob for method {method!r}; known: {sorted(KNOBS)}")
-    knob, values = KNOBS[method]
+    from megatron_copsd.synthetic.presets import METHOD_SPECS
+
+    # a variant (e.g. copsd_rkl) is tuned on the knob of the objective it runs
+    key = method if method in KNOBS else getattr(METHOD_SPECS.get(method), "objective", None)
+    if key not in KNOBS:
+        raise ValueError(f"no tuning knob for method {method!r}; known: {sorted(KNOBS)} and their variants")
+    knob, values = KNOBS[key]
     return [{"optim.lr": lr, knob: v} for lr, v in itertools.product(LR_GRID, values)]
 
 
