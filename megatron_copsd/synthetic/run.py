@@ -270,10 +270,14 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
         records = evaluate(base_root / "hf", "base")
         _save(out / "base_eval", eval_key, records)
     # Diagnostic: the base model as COPSD teacher (greedy, privileged English context) on target languages.
-    with stage("eval teacher(base)"):
-        teacher_recs = evaluate_checkpoint(base_root / "hf", targets, label="teacher(base)",
-                                           settings=dataclasses.replace(mode.eval, num_samples=0),
-                                           teacher_prompt=True, log=log)
+    teacher_key = {**eval_key, "teacher_prompt": True, "targets": len(targets)}
+    teacher_recs = _reuse(out / "teacher_eval", teacher_key, log) if resume else None
+    if teacher_recs is None:
+        with stage("eval teacher(base)"):
+            teacher_recs = evaluate_checkpoint(base_root / "hf", targets, label="teacher(base)",
+                                               settings=dataclasses.replace(mode.eval, num_samples=0),
+                                               teacher_prompt=True, log=log)
+        _save(out / "teacher_eval", teacher_key, teacher_recs)
     teacher_acc = {lang: greedy_accuracy(teacher_recs, lang) for lang in TARGET_LANGS}
     log(f"[eval] teacher(base) with privileged English context: greedy accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in teacher_acc.items()))
