@@ -220,7 +220,8 @@ def settings_table(settings: dict) -> list[str]:
                + ", ".join(reference) + "."]
     departures = [m for m, s in settings.items() if s.get("objective") == "copsd" and m not in reference]
     if departures:
-        md += ["Departures from the reference settings: " + ", ".join(departures) + "."]
+        md += ["Departures from the reference settings: " + ", ".join(departures) + " (the notes below say how "
+               "they were chosen)."]
     return md + [""]
 
 

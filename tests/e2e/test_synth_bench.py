@@ -38,6 +38,10 @@ def test_synth_bench_smoke(tmp_path):
     for lang in ("eng", "qge", "qva"):
         assert f"| {lang} |" in md
     assert (out / "report" / "report.md").is_file() and (out / "report" / "accuracy_per_language.png").is_file()
+    # pass@k / maj@k per method (mean over seeds, a panel per language) beside the accuracy and curves
+    for metric in ("pass", "maj"):
+        assert (out / f"{metric}_at_k_per_method.png").stat().st_size > 1000
+        assert f"![{metric}@k per method]({metric}_at_k_per_method.png)" in md
     js = json.loads((out / "summary.json").read_text())
     methods = {row["method"] for row in js["aggregate"]}
     assert methods == {"base", "copsd"}
