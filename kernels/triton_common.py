@@ -52,6 +52,48 @@ def logits_tile(X_ptr, W_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w, inv_
     return acc * inv_tau
 
 
+@triton.jit
+def pair_logits_tile(HS_ptr, HT_ptr, W_ptr, WT_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w,
+                     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                     SHARED_W: tl.constexpr):
+    """Unscaled fp32 [BLOCK_T, BLOCK_V] tiles (h_s W^T, h_t W_t^T) in one loop over H: with SHARED_W (the
+    teacher uses the student's head, the default) each W tile is loaded once for both dots."""
+    acc_a = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    rows = offs_t[:, None] < T
+    cols = offs_v[:, None] < NV
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        hmask = offs_h[None, :] < H
+        xs = tl.load(HS_ptr + offs_t[:, None] * stride_x + offs_h[None, :], mask=rows & hmask, other=0.0)
+        xt = tl.load(HT_ptr + offs_t[:, None] * stride_x + offs_h[None, :], mask=rows & hmask, other=0.0)
+        w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_h[None, :], mask=cols & hmask, other=0.0)
+        if SHARED_W:
+            wt = w
+        else:
+            wt = tl.load(WT_ptr + offs_v[:, None] * stride_w + offs_h[None, :], mask=cols & hmask, other=0.0)
+        if UPCAST_DOT:
+            xs = xs.to(tl.float32)
+            xt = xt.to(tl.float32)
+            w = w.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc_a = tl.dot(xs, tl.trans(w), acc_a)
+        acc_b = tl.dot(xt, tl.trans(wt), acc_b)
+    return acc_a, acc_b
+
+
+@triton.jit
+def grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP consecutive row (token) tiles run over
+    every column (vocab) tile before the next group starts, so the concurrently running programs share a few
+    hidden-state tiles and each W tile is read by GROUP of them back to back (L2 reuse)."""
+    per_group = GROUP * n_cols
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
 def autotuned(fn, configs, key):
     """The GPU entry point: `fn` autotuned over `configs` (the interpreter uses `fn` with one config)."""
     return triton.autotune(
@@ -61,10 +103,11 @@ def autotuned(fn, configs, key):
         key=key)(fn)
 
 
-def launch(fn, tuned, grid_fn, *args, **constexprs):
-    """Launches `tuned` on GPU, or `fn` with INTERPRET_CONFIG under TRITON_INTERPRET=1."""
+def launch(fn, tuned, grid_fn, *args, interpret_overrides=None, **constexprs):
+    """Launches `tuned` on GPU, or `fn` with INTERPRET_CONFIG (updated by `interpret_overrides`) under
+    TRITON_INTERPRET=1."""
     if INTERPRET:
-        cfg = dict(INTERPRET_CONFIG)
+        cfg = dict(INTERPRET_CONFIG, **(interpret_overrides or {}))
         fn[grid_fn(cfg)](*args, **constexprs, **cfg)
     else:
         tuned[grid_fn](*args, **constexprs)

@@ -9,7 +9,8 @@
 # COPSD_WHEELS (pip --no-index --find-links) into a venv that also sees the system site-packages. When the
 # project already imports, nothing is installed. Steps (each under its own time limit):
 #   1. kernel parity on CUDA: the Triton kernels (compiled, not interpreted) against the float64 reference,
-#      fp32 and bf16 (tests/kernels/test_cuda_parity.py);
+#      fp32 and bf16 (tests/kernels/test_cuda_parity.py), and store / recompute modes with the vocab-split
+#      recompute kernels, the per-entry clip and the small-divergence accuracy (tests/kernels/test_store_cuda.py);
 #   2. the kernel benchmark at Qwen3 shapes: fused vs naive (and Liger when it imports);
 #   3. a 20-step tiny COPSD run in bf16 on the GPU and the same run in fp32 on the CPU, compared per step.
 # Everything goes to one report file, $OUT/gpu_check_report.md (default OUT=gpu_check_out).
@@ -34,7 +35,7 @@ REPORT="$OUT/gpu_check_report.md"
 VENV="$OUT/venv"
 STEPS=(
     "install  | 60 s  | venv (system site-packages) + pip install --no-index --find-links \$COPSD_WHEELS -e REPO (skipped when megatron_copsd imports)"
-    "parity   | 170 s | pytest tests/kernels/test_cuda_parity.py: Triton on CUDA vs float64 reference, fp32 + bf16"
+    "parity   | 170 s | pytest tests/kernels/test_cuda_parity.py tests/kernels/test_store_cuda.py: Triton on CUDA vs float64 reference, fp32 + bf16, store + recompute"
     "bench    | 90 s  | copsd bench-kernels --mode gpu at the Qwen3-8B head shape (T 4096, H 4096, V 151936, bf16): fused vs naive (+ liger if importable)"
     "tiny-gpu | 75 s  | copsd train examples/tiny_cpu_copsd.yaml, 20 steps, bf16 on cuda:0"
     "tiny-cpu | 75 s  | the same run, fp32 on CPU (CUDA_VISIBLE_DEVICES empty)"
@@ -107,7 +108,7 @@ fi
     exit 1
 }
 
-section parity 170 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_parity.py
+section parity 170 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_parity.py tests/kernels/test_store_cuda.py
 section bench 90 "$PY" -m copsd_kernels.bench --mode gpu --impls fused,naive,liger --T 4096 --H 4096 --V 151936 \
     --dtype bf16 --repeat 5 --out-dir "$OUT/bench"
 export COPSD_TINY_OVERRIDES="train.steps=20 eval.every=0 checkpoint.save_every=0 logging.progress_bar=false"

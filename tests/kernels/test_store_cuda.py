@@ -40,16 +40,39 @@ def test_cuda_matches_float64_reference(mode, divergence, dtype):
     torch.testing.assert_close(w1.grad.double(), w2.grad, **tol)
 
 
-def test_cuda_store_small_divergences_at_qwen_vocab():
+@pytest.mark.parametrize("mode", ["store", "recompute"])
+def test_cuda_small_divergences_at_qwen_vocab(mode):
+    """Per-token KL / JSD ~1e-6..1e-3 at V = 151,936 to 1e-3 relative: the cancellation-free sums of both modes
+    (recompute: the vocab-split statistics and sums kernels at the shipped 128 x 128 tiles)."""
     hs, _, w, _ = _inputs(4, 256, 151936, torch.float32)
     scale = torch.tensor([6e-4, 2e-3, 6e-3, 1.3e-2], device="cuda")[:, None]
     ht = hs + scale * torch.randn_like(hs) / 4
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
-        got = fused_linear_divergence(hs, ht, w, divergence=divergence, impl="triton", mode="store").per_token
+        got = fused_linear_divergence(hs, ht, w, divergence=divergence, impl="triton", mode=mode).per_token
         want = ref.fused_linear_divergence(hs.double(), ht.double(), w.double(), divergence=divergence).per_token
         rel = ((got.double() - want).abs() / want).max().item()
-        print(f"{divergence}: per-token {want.tolist()} max rel err {rel:.2e}")
+        print(f"{mode} {divergence}: per-token {want.tolist()} max rel err {rel:.2e}")
         assert rel <= 1e-3
+
+
+@pytest.mark.parametrize("mode", ["store", "recompute"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_cuda_entry_clip_matches_float64_reference(mode, divergence):
+    """The per-entry clip through the compiled sums / grad kernels (recompute: vocab splits, grouped order)."""
+    hs, ht, w, lw = _inputs(300, 256, 5003, torch.float32)
+    h1, w1 = hs.detach().requires_grad_(), w.detach().requires_grad_()
+    kw = dict(divergence=divergence, temperature=1.1, token_clip=2e-4, clip_mode="entry", valid_vocab=4990)
+    out = fused_linear_divergence(h1, ht, w1, loss_weight=lw, impl="triton", mode=mode, **kw)
+    out.loss.backward()
+    h2, w2 = hs.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = ref.fused_linear_divergence(h2, ht.double(), w2, loss_weight=lw.double(), **kw)
+    want.loss.backward()
+    assert 0 < float(want.clipped_count.sum()) < 300 * 4990
+    tol = dict(atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(out.loss.double(), want.loss, **tol)
+    torch.testing.assert_close(out.clipped_count.double(), want.clipped_count.double(), atol=2, rtol=0)
+    torch.testing.assert_close(h1.grad.double(), h2.grad, **tol)
+    torch.testing.assert_close(w1.grad.double(), w2.grad, **tol)
 
 
 def test_cuda_store_chunk_beyond_int32_offsets():

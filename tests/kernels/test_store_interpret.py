@@ -93,14 +93,15 @@ def check_entry_clip(kind, beta, tau, dtype, separate_teacher):
     torch.testing.assert_close(res.token_loss.double() @ lw.double(), want[0], atol=atol, rtol=rtol)
 
 
-def check_small_divergences():
-    """Per-token forward KL, reverse KL and JSD in 1e-6..1e-3 at V = 151,936, fp32: rel. error <= 1e-3."""
+def check_small_divergences(mode="store", V=151936):
+    """Per-token forward KL, reverse KL and JSD in ~1e-6..1e-3 at vocabulary V, fp32: rel. error <= 1e-3 (the
+    one-pass E_p[b - a] - lse_b + lse_a form gave 100% at KL ~ 1e-6, V = 151,936 and 9% at V = 4096)."""
     import torch
 
     from copsd_kernels import fused_linear_divergence
     from copsd_kernels import reference as ref
     g = torch.Generator().manual_seed(3)
-    T, H, V = 4, 32, 151936
+    T, H = 4, 32
     w = torch.randn(V, H, generator=g) * (3.0 / H ** 0.5)
     hs = torch.randn(T, H, generator=g)
     # teacher = student + a per-token perturbation; the scales below give per-token KL ~1e-6 .. 1e-3
@@ -108,10 +109,11 @@ def check_small_divergences():
     ht = hs + scale * torch.randn(T, H, generator=g)
     for div, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)):
         want = ref.fused_linear_divergence(hs.double(), ht.double(), w.double(), divergence=div, beta=beta).per_token
-        got = fused_linear_divergence(hs, ht, w, divergence=div, beta=beta, impl="triton", mode="store").per_token
+        got = fused_linear_divergence(hs, ht, w, divergence=div, beta=beta, impl="triton", mode=mode).per_token
         rel = ((got.double() - want).abs() / want).max().item()
-        print(f"small {div}: per-token {[f'{x:.1e}' for x in want.tolist()]} max rel err {rel:.1e}", flush=True)
-        assert want.min() < 1e-5 and want.max() > 1e-4, want  # the range the accuracy claim is about
+        print(f"small {mode} V={V} {div}: per-token {[f'{x:.1e}' for x in want.tolist()]} max rel err {rel:.1e}",
+              flush=True)
+        assert want.min() < 1e-5 and want.max() > 5e-5, want  # the range the accuracy claim is about
         assert rel <= 1e-3, (div, rel)
 
 
@@ -139,13 +141,20 @@ def run_checks(group):
                                             ("forward_kl", 0.5, 1.1, torch.bfloat16, False)]:
             check_entry_clip(kind, beta, tau, dtype, sep)
             print(f"store {kind} beta={beta} tau={tau} entry-clip {dtype}: ok", flush=True)
-    else:
+    elif group == "small":
         check_small_divergences()
         print("small divergences: ok", flush=True)
+    else:  # "small-recompute[-V]": the recompute kernels (kernels/divergence_triton.py)
+        vocab = int(group.split("-")[2]) if group.count("-") == 2 else 151936
+        check_small_divergences("recompute", vocab)
+        print("small divergences recompute: ok", flush=True)
 
 
-@pytest.mark.parametrize("group,count", [("position", 4), ("entry", 4), ("small", 1)])
+@pytest.mark.parametrize("group,count", [("position", 4), ("entry", 4), ("small", 1), ("small-recompute-4096", 1),
+                                         pytest.param("small-recompute", 1, marks=pytest.mark.slow)])
 def test_store_mode_matches_reference_under_interpreter(group, count):
+    """Store mode by group; the small-divergence accuracy check also for the recompute mode (V = 4096 by
+    default, the full V = 151,936 slow: ~3-4 min under the interpreter here)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), group], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)

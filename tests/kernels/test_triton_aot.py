@@ -46,8 +46,8 @@ def test_specialization_follows_the_launch_arguments():
     marked divisible by 16, the multiples of 16 and the (aligned) pointers are."""
     from copsd_kernels import divergence_triton as dt
     args = list(aot._recompute_args(dt._div_stats_kernel, T=4097, H=4096, V=151936))
-    src = aot.jit_source(dt._div_stats_kernel, args, dict(KIND=0, BLOCK_T=128, BLOCK_V=128, BLOCK_H=64,
-                                                          UPCAST_DOT=False))
+    src = aot.jit_source(dt._div_stats_kernel, args, dict(SHARED_W=True, GROUP=8, BLOCK_T=128, BLOCK_V=128,
+                                                          BLOCK_H=64, UPCAST_DOT=False))
     names = dt._div_stats_kernel.arg_names
     marked = {names[k[0]] for k, v in src.attrs.items() if ["tt.divisibility", 16] in v}
     assert {"HS_ptr", "W_ptr", "STATS_ptr", "NV", "H", "stride_x"} <= marked
