@@ -121,13 +121,16 @@ class EmbeddedEngine:
         dtype: torch.dtype = torch.float32,
         weight_version: int = 0,
         static_cache: bool = True,
+        packed_weights: bool | None = None,
     ) -> None:
         """`model_or_hf_dir`: a transformers causal LM (the engine takes it over: moved to `device` and
         `dtype`, set to eval) or an HF checkpoint folder. `eos_token_ids` / `pad_token_id` default to
         the model config's. `valid_vocab`: the tokenizer's vocabulary size when the model's logits are
         wider (padded rows are never sampled and are excluded from log-probs). `max_batch_size`: slots
         of the KV cache (sequences decoded together). `static_cache=False` forces the reference path
-        (the HF model's forward each step)."""
+        (the HF model's forward each step). `packed_weights`: the decode step reads blocked copies of the
+        linear weights (`decoder.PackedLinear`; faster on CPU, one more copy of those weights in memory,
+        rebuilt after `update_weights`); default on for CPU, off elsewhere."""
         if isinstance(model_or_hf_dir, (str, Path)):
             import transformers
 
@@ -163,7 +166,7 @@ class EmbeddedEngine:
         if static_cache:
             reason = unsupported_reason(self.model)
             if reason is None:
-                self.decoder = StaticCacheDecoder(self.model)
+                self.decoder = StaticCacheDecoder(self.model, packed=packed_weights)
             else:
                 warnings.warn(f"EmbeddedEngine: static-cache decoder unsupported ({reason}); using the slower "
                               "reference path (the HF model's forward per step)", stacklevel=2)
@@ -218,7 +221,11 @@ class EmbeddedEngine:
         if missing:
             raise ValueError(f"update_weights: missing {len(missing)} parameters, e.g. {missing[:3]}")
         for name, tensor in incoming.items():
-            state[name].data.copy_(tensor.to(device=self.device, dtype=state[name].dtype))
+            # copy_ on the parameter itself (not .data) moves its version counter, which the decoder's
+            # packed copies are keyed on; invalidate them explicitly as well.
+            state[name].copy_(tensor.to(device=self.device, dtype=state[name].dtype))
+        if self.decoder is not None:
+            self.decoder.invalidate_packed()
         self._weight_version = int(version)
 
     # ------------------------------------------------------------------ internals
@@ -264,6 +271,7 @@ class EmbeddedEngine:
             return self._samples(rows, [[] for _ in rows], [[] for _ in rows], ["length"] * len(rows),
                                  [derive_seed(base_seed, i, j) for i, j in rows], time.perf_counter())
         dec = self.decoder
+        dec.sync_packed()  # the weights may have changed since the last call
         slots = min(self.max_batch_size, len(rows))
         cache = dec.new_cache(slots, max(len(prompts[i]) for i, _ in rows) + params.max_new_tokens)
         stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)

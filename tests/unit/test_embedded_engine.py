@@ -146,6 +146,24 @@ def test_update_weights_strict_and_versioned(tmp_path):
     assert _ids(out) == target and out[0][0].weight_version == 7 and engine.weight_version == 7
 
 
+def test_packed_weights_follow_in_place_changes():
+    """The CPU decode step reads packed copies of the weights; a change made in place outside
+    `update_weights` (here `load_state_dict`) must reach them, and packed equals unpacked decoding."""
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    m0 = make_tiny_hf_model(None, "qwen3", seed=0)
+    m1 = make_tiny_hf_model(None, "qwen3", seed=5)
+    engine = EmbeddedEngine(m0, eos_token_ids=1, max_batch_size=3)
+    assert engine.decoder.packed
+    before = _ids(engine.generate(PROMPTS, greedy))  # builds the packed copies of m0's weights
+    unpacked = EmbeddedEngine(make_tiny_hf_model(None, "qwen3", seed=5), eos_token_ids=1, max_batch_size=3,
+                              packed_weights=False)
+    assert not unpacked.decoder.packed
+    target = _ids(unpacked.generate(PROMPTS, greedy))
+    assert before != target
+    m0.load_state_dict(m1.state_dict())
+    assert _ids(engine.generate(PROMPTS, greedy)) == target
+
+
 def test_edge_cases(model):
     engine = EmbeddedEngine(model)
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=0, n=2))
