@@ -6,8 +6,10 @@ model's scaling), but without the per-step work that `model(...)` and `generate`
 arithmetic: no cache objects that grow by `torch.cat` (every step copied every layer's whole cache),
 no mask construction per layer, no module-call machinery, no full-width attention mask per step.
 
-The weights are the HF model's own `Parameter`s (referenced, never copied), so `update_weights` on the
-model is seen at once and no memory is duplicated.
+Prefill reads the HF model's own `Parameter`s (referenced). The decode step on CPU reads `PackedLinear`
+copies of the linear weights (blocked for few-row matmuls; q/k/v and gate/up stacked), rebuilt by
+`sync_packed` whenever a source parameter changed: one more copy of those weights in memory, and
+~0.2 s per 100 MB to rebuild after a weight update (`packed=False` turns this off; off by default on GPU).
 
 Cache layout: per layer K and V of shape [slots, kv_heads, max_len, head_dim], zero-initialized (stale
 entries must stay finite: they meet a masked score, and NaN * 0 is NaN). A sequence in slot s keeps its
@@ -16,7 +18,8 @@ token t at column t (prompts are right-aligned nowhere: no left padding), so its
 
 Decode attention packs the query heads of one KV head into the query-length axis
 ([B, kv_heads, n_rep, head_dim] against [B, kv_heads, T, head_dim]), which avoids repeating K/V n_rep
-times; `transformers` does the same for single-token queries.
+times; `transformers` does the same for single-token queries. On CPU it is two batched matmuls and a
+softmax (SDPA's CPU kernel costs more in set-up than these tiny products); on GPU, SDPA.
 """
 from __future__ import annotations
 
