@@ -6,9 +6,13 @@ so that one such buffer holds about `CHUNK_ELEMENTS` numbers):
 
 Divergence, forward (gradients are computed here; backward only scales them by grad_output):
   per chunk: a = h_s W^T / tau, b = h_t W_t^T / tau            (2 GEMMs, fp32; 1 when W_t is W)
-             local (logsumexp a, logsumexp b, E)               (E = E_p[b-a] or E_q[a-b] on the shard)
-             all_gather [TP, T_c, 3] -> fixed-order combine    (collective 1)
-             JSD only: local (sum p log(p/M), sum q log(q/M)) -> all_reduce SUM [T_c, 2]       (collective 2)
+             local (logsumexp a, logsumexp b)
+             all_gather [TP, T_c, 2] -> fixed-order logsumexp  (collective 1)
+             local per-token sums that do not cancel (docs/kernels.md), with r = log p - log q formed from the
+               logit difference first: forward KL sum p r - q expm1(r), reverse KL sum q (s + expm1(-s)),
+               s = -r (every entry's part >= 0 up to rounding; the log-normalizers' rounding cancels to first
+               order); JSD with y = log(q/M) = -log1p(beta expm1(r)), x = log(p/M) = r + y: (sum p x,
+               sum q y) -> all_gather + fixed-order sum   (collective 2)
              token_clip, clip_mode="entry" (default): one more local pass over the normalized log-probs: the
                terms d_v, U = {d_v <= c}, (sum_v min(d_v, c), S_U = sum_{v in U} g_v, #clipped, clipped mass)
                -> all_gather [TP, T_c, 4] -> fixed-order sum                                  (collective 3)
@@ -75,9 +79,11 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
     dw [V_local,H] fp32 | None); the gradients are of sum_t loss_weight_t * token_loss_t.
 
     Per chunk, with A = a - max_a, X = exp(A), B = b - max_b, Y = exp(B) (so q = X u_a, p = Y u_b with the
-    per-row u = exp(max - lse)), every buffer is preallocated and reused in place: 2 exp + (JSD) 1 log per
-    logit, no [T_c, V] temporaries (the per-entry clip pass uses a few row-block temporaries). Row scales of
-    the logit gradient are applied to the [T_c, H] GEMM operands instead of the [T_c, V] buffer."""
+    per-row u = exp(max - lse)), every buffer is preallocated and reused in place: 2 exp + 1 expm1 (JSD: + 1
+    log1p) per logit, no [T_c, V] temporaries (the per-entry clip pass uses a few row-block temporaries). After
+    the sums pass B holds r = log p - log q (forward KL) or x = log p/M (JSD), A holds s = log q - log p
+    (reverse KL) or y = log q/M (JSD). Row scales of the logit gradient are applied to the [T_c, H] GEMM
+    operands instead of the [T_c, V] buffer."""
     num_t, dev = hs.shape[0], hs.device
     entry = clip is not None and clip_mode == "entry"
     # default teacher head = the student's weights (detached view): one fp32 copy and one GEMM over the
@@ -95,23 +101,18 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
     # from the (equal) shard size, not nv: every rank must run the same number of collectives
     rb = max(1, min(tc, BLOCK_ELEMENTS // max(1, w.shape[0])))
     inv_tau = 1.0 / tau
-    # JSD only (beta in (0, 1) there): M = (1 - beta) (q + ratio p)
-    lc, ratio = (math.log1p(-beta), beta / (1.0 - beta)) if kind == "jsd" else (0.0, 0.0)
-    # a chunk's A, B, X, Y (adjacent) and, for JSD with the per-entry clip, log(q + ratio p) (B is still
-    # needed there, for log p)
-    nbuf = 5 if entry and kind == "jsd" else 4
-    bufs = torch.empty(nbuf * tc, nv, dtype=torch.float32, device=dev)
+    bufs = torch.empty(4 * tc, nv, dtype=torch.float32, device=dev)  # a chunk's A, B, X, Y (adjacent)
     scratch = torch.empty(rb, nv, dtype=torch.float32, device=dev)
+    scratch2 = torch.empty(rb, nv, dtype=torch.float32, device=dev)
     st = torch.zeros(15, tc, dtype=torch.float32, device=dev)  # per-row statistics of the current chunk
     ma, sa, mb, sb, e, lse_a, lse_b, div, d1, klqm, rscale, closs, su, cnt, mss = st
-    jl = st.new_zeros(tc, 2)  # JSD: local (KL(p||M), KL(q||M)) pieces, summed over ranks
+    jl = st.new_zeros(tc, 2)  # local (KL(p||M), KL(q||M)) pieces (JSD) or (divergence, 0), summed over ranks
     cs = st.new_zeros(tc, 4)  # entry clip: local (sum_v min(d_v, c), S_U, #clipped, clipped mass)
     single = tp.tp_size(group) == 1
     for c0 in range(0, num_t, tc):
         c1 = min(num_t, c0 + tc)
         n = c1 - c0
         A, B, X, Y = bufs[:4 * n].view(4, n, -1).unbind(0)
-        L = bufs[4 * tc:4 * tc + n] if nbuf == 5 else B
         hs_c, ht_c = hs[c0:c1].float(), ht[c0:c1].float()
         if shared:  # [a; b] = [h_s; h_t] W^T / tau
             torch.mm(torch.cat([hs_c, ht_c]).mul_(inv_tau), wv.T, out=bufs[:2 * n])
@@ -123,45 +124,49 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
 
         def stats(r):
             if nv == 0:  # this rank's shard is all vocabulary padding
-                ma[r], mb[r], sa[r], sb[r], e[r] = -math.inf, -math.inf, 0.0, 0.0, 0.0
+                ma[r], mb[r], sa[r], sb[r] = -math.inf, -math.inf, 0.0, 0.0
                 return
-            ma[r], sa[r] = _exp_stats(A[r], X[r])
+            ma[r], sa[r] = _exp_stats(A[r], X[r])  # A = a - max_a, X = exp(A)
             mb[r], sb[r] = _exp_stats(B[r], Y[r])
-            if kind == "forward_kl":  # local E_p[b - a]; B becomes b - a - (max_b - max_a)
-                e[r] = _rowdot(Y[r], B[r].sub_(A[r]), scratch) / sb[r] + (mb[r] - ma[r])
-            elif kind == "reverse_kl":  # local E_q[a - b]; A becomes a - b - (max_a - max_b)
-                e[r] = _rowdot(X[r], A[r].sub_(B[r]), scratch) / sa[r] + (ma[r] - mb[r])
-            else:
-                d1[r] = _rowdot(Y[r], B[r], scratch)
 
         def combine(r):
             la, lb = ma[r] + sa[r].log(), mb[r] + sb[r].log()
-            if single:  # what combine_kl reduces to for one shard, without its per-call overhead
+            if single:
                 lse_a[r], lse_b[r] = la, lb
-                if kind == "forward_kl":
-                    div[r] = e[r] - lb + la
-                elif kind == "reverse_kl":
-                    div[r] = e[r] - la + lb
                 return
-            lse_a[r], lse_b[r], d = tp.combine_kl(tp.gather_stats(torch.stack([la, lb, e[r]], 1), group), kind)
-            if d is not None:
-                div[r] = d
+            lse = torch.logsumexp(tp.gather_stats(torch.stack([la, lb], 1), group), 0)  # fixed rank order
+            lse_a[r], lse_b[r] = lse.unbind(1)
 
-        def jsd_sums(r):
+        def div_sums(r):
+            """Per-token sums with no cancellation against the log-normalizers (their rounding cancels to first
+            order between the two parts of each entry); r = (B - A) + (max_b - lse_b) - (max_a - lse_a)."""
             if nv == 0:
+                jl[r] = 0.0
                 return
             ua, ub = torch.exp(ma[r] - lse_a[r]), torch.exp(mb[r] - lse_b[r])
-            logz = torch.mul(X[r], ua[:, None], out=L[r]).addcmul_(Y[r], (ratio * ub)[:, None]).log_()
-            # log M = log Z + log(1 - beta); A becomes log q - log M - (max_a - lse_a - log(1 - beta))
-            d_pz = _rowdot(Y[r], logz, scratch)
-            d_qa = _rowdot(X[r], A[r].sub_(logz), scratch)
-            jl[r, 0] = ub * (d1[r] - d_pz + (mb[r] - lse_b[r] - lc) * sb[r])  # sum p (log p - log M)
-            jl[r, 1] = ua * (d_qa + (ma[r] - lse_a[r] - lc) * sa[r])  # sum q (log q - log M)
+            shift = ((mb[r] - lse_b[r]) - (ma[r] - lse_a[r]))[:, None]
+            rows = B[r].shape[0]
+            t = scratch2[:rows]
+            if kind == "forward_kl":  # sum_v p r - (p - q) = sum p r - q expm1(r); B becomes r
+                rr = B[r].sub_(A[r]).add_(shift)
+                jl[r, 0] = ub * _rowdot(Y[r], rr, scratch) - ua * _rowdot(X[r], torch.expm1(rr, out=t), scratch)
+            elif kind == "reverse_kl":  # sum_v q s + (p - q) = sum q (s + expm1(-s)), s = -r; A becomes s
+                sr = A[r].sub_(B[r]).sub_(shift)
+                jl[r, 0] = ua * _rowdot(X[r], torch.neg(sr, out=t).expm1_().add_(sr), scratch)
+            else:  # y = log q/M = -log1p(beta expm1(r)) into A, x = log p/M = r + y into B
+                rr = B[r].sub_(A[r]).add_(shift)
+                torch.neg(torch.expm1(rr, out=t).mul_(beta).log1p_(), out=A[r])
+                rr.add_(A[r])
+                jl[r, 0] = ub * _rowdot(Y[r], rr, scratch)  # KL(p||M) part
+                jl[r, 1] = ua * _rowdot(X[r], A[r], scratch)  # KL(q||M) part
 
-        def jsd_combine(r):
-            s = tp.all_reduce_sum(jl[r], group)
-            div[r] = beta * s[:, 0] + (1 - beta) * s[:, 1]  # JSD = beta KL(p||M) + (1-beta) KL(q||M)
-            klqm[r] = s[:, 1]
+        def div_combine(r):
+            s = jl[r] if single else tp.gather_stats(jl[r], group).sum(0)  # fixed rank order
+            if kind == "jsd":
+                div[r] = beta * s[:, 0] + (1 - beta) * s[:, 1]  # JSD = beta KL(p||M) + (1-beta) KL(q||M)
+                klqm[r] = s[:, 1]
+            else:
+                div[r] = s[:, 0]
 
         def clip_sums(r):
             """Per-entry clip: terms d_v from the normalized log-probs, U = {v: d_v <= c}. The logit gradient
@@ -172,21 +177,21 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
                 cs[r] = 0.0
                 return
             ua, ub = torch.exp(ma[r] - lse_a[r])[:, None], torch.exp(mb[r] - lse_b[r])[:, None]
-            if kind == "forward_kl":  # log p - log q = B + (max_b - lse_b) - (max_a - lse_a)
+            if kind == "forward_kl":  # B = log p - log q
                 prob = Y[r] * ub
-                d = (B[r] + (mb[r] - lse_b[r] - ma[r] + lse_a[r])[:, None]).mul_(prob)
+                d = B[r] * prob
                 keep = d <= clip
                 g = torch.mul(prob, keep, out=Y[r]).neg_()
-            elif kind == "reverse_kl":  # log q - log p = A + (max_a - lse_a) - (max_b - lse_b)
+            elif kind == "reverse_kl":  # A = log q - log p
                 prob = X[r] * ua
-                lr = A[r] + (ma[r] - lse_a[r] - mb[r] + lse_b[r])[:, None]
+                lr = A[r].clone()
                 d = prob * lr
                 keep = d <= clip
                 g = torch.mul(lr.add_(1.0).mul_(prob), keep, out=A[r])
-            else:  # log q - log M = A + (max_a - lse_a - log(1-beta)); log p - log M = B + ... - log Z
+            else:  # A = log q/M, B = log p/M
                 q, p = X[r] * ua, Y[r] * ub
-                lqm = A[r] + (ma[r] - lse_a[r] - lc)[:, None]
-                lpm = (B[r] - L[r]).add_((mb[r] - lse_b[r] - lc)[:, None])
+                lqm = A[r].clone()
+                lpm = B[r].clone()
                 gq = lqm.mul_(q).mul_(1.0 - beta)  # (1 - beta) q log(q/M)
                 d = lpm.mul_(p).mul_(beta).add_(gq)
                 prob = p.mul_(beta).add_(q, alpha=1.0 - beta)  # M
@@ -214,17 +219,15 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
                 ub = torch.exp(mb[r] - lse_b[r])
                 X[r].mul_((cf * ua)[:, None]).addcmul_(Y[r], (-cf * ub)[:, None])
                 return
-            if kind == "reverse_kl":  # coef q (log q - log p - KL(q||p))
-                c = ma[r] - lse_a[r] - mb[r] + lse_b[r] - div[r]
+            if kind == "reverse_kl":  # coef q (log q - log p - KL(q||p)); A = log q - log p
+                c = -div[r]
                 rscale[r] = cf * ua
-            else:  # (1 - beta) coef q (log q - log M - KL(q||M))
-                c = ma[r] - lse_a[r] - lc - klqm[r]
+            else:  # (1 - beta) coef q (log q - log M - KL(q||M)); A = log q/M
+                c = -klqm[r]
                 rscale[r] = (1 - beta) * cf * ua
             A[r].add_(c[:, None]).mul_(X[r])
 
-        stages = [(False, stats), (True, combine)]
-        if kind == "jsd":
-            stages += [(False, jsd_sums), (True, jsd_combine)]
+        stages = [(False, stats), (True, combine), (False, div_sums), (True, div_combine)]
         if entry:
             stages += [(False, clip_sums), (True, clip_combine)]
         if need_grad:

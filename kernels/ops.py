@@ -76,9 +76,8 @@ def divergence_fwd_bwd(hs: Tensor, ht: Tensor, w: Tensor, tw: Tensor, loss_weigh
 
 
 def _workspace_rows(impl: str, num_t: int, num_local: int, chunk_size,
-                    memory_budget=None, extra_buffer: bool = False) -> list[tuple[int, torch.dtype, bool]]:
-    """(rows, dtype, uses_input_dtype) of the [rows, nv] buffers the implementation holds at its peak
-    (extra_buffer: the chunked JSD with the per-entry clip keeps a fifth [T_c, nv] buffer)."""
+                    memory_budget=None) -> list[tuple[int, torch.dtype, bool]]:
+    """(rows, dtype, uses_input_dtype) of the [rows, nv] buffers the implementation holds at its peak."""
     if impl == "store":  # the chunk's fp32 student + teacher logits and its dZ in the input dtype
         from .divergence_store import store_chunk_tokens
 
@@ -91,8 +90,8 @@ def _workspace_rows(impl: str, num_t: int, num_local: int, chunk_size,
     from .chunked import BLOCK_ELEMENTS, _chunk_len
 
     tc = _chunk_len(num_t, num_local, chunk_size)
-    return [((5 if extra_buffer else 4) * tc, torch.float32, False),
-            (max(1, min(tc, BLOCK_ELEMENTS // max(1, num_local))), torch.float32, False)]
+    return [(4 * tc, torch.float32, False),  # A, B, X, Y
+            (2 * max(1, min(tc, BLOCK_ELEMENTS // max(1, num_local))), torch.float32, False)]  # 2 row scratches
 
 
 @divergence_fwd_bwd.register_fake
@@ -101,7 +100,6 @@ def _divergence_fake(hs, ht, w, tw, loss_weight, impl, group, opts_json, need_dh
     num_t, nv = hs.shape[0], int(opts["nv"])
     per_token = hs.new_empty(num_t, dtype=torch.float32)
     clip = opts.get("clip") is not None
-    entry = clip and opts.get("clip_mode", "entry") == "entry"
     token_loss = hs.new_empty(num_t if clip else 0, dtype=torch.float32)
     clip_stats = hs.new_empty((num_t, 2) if clip else (0,), dtype=torch.float32)
     stats = hs.new_empty(num_t, 8, dtype=torch.float32)  # per-token statistics (gathered over TP)
@@ -110,8 +108,7 @@ def _divergence_fake(hs, ht, w, tw, loss_weight, impl, group, opts_json, need_dh
     if nv > 0 and (need_dh or need_dw or impl != "triton"):  # store mode keeps its logits even without grads
         bufs = [hs.new_empty(rows, nv, dtype=hs.dtype if own else dt)
                 for rows, dt, own in _workspace_rows(impl, num_t, w.shape[0], opts.get("chunk_size"),
-                                                     opts.get("memory_budget"),
-                                                     extra_buffer=entry and opts.get("kind") == "jsd")]
+                                                     opts.get("memory_budget"))]
         del bufs  # transient: freed before the op returns, as in the real kernel
     del stats
     return per_token, token_loss, clip_stats, dhs, dw
