@@ -173,14 +173,16 @@ def ablation_table(comparisons: Sequence[dict], records: Sequence, methods: Sequ
         return []
     scope = "targets" if len(target_langs) > 1 else target_langs[0]
     md = ["## Divergence ablation", "",
-          "Same budget, seeds and problems; every COPSD row with the same token clip and loss temperature, only "
-          "the divergence differs. Accuracy: greedy, target languages pooled, with its 95% interval; the "
+          "Same budget, seeds and problems; the COPSD rows share the loss temperature and differ in the divergence "
+          "(and the token clip where the loss column names one). Accuracy: greedy, target languages pooled, with its 95% interval; the "
           f"difference to `{ABLATION_REFERENCE}` (forward KL) is paired, a winner only where its interval excludes 0.",
           "", "| method | loss | accuracy (targets) | - copsd (forward KL) | 95% CI | winner |",
           "|---|---|---|---|---|---|"]
     for m in variants:
         s = settings.get(m) or {}
         loss = s.get("divergence", "") if s.get("objective") == "copsd" else s.get("objective", m)
+        if s.get("objective") == "copsd" and s.get("token_clip") is not None:
+            loss += f", token clip {s['token_clip']:g} ({s.get('token_clip_mode', 'entry')})"
         if s.get("objective") == "sampled_kl":
             loss = "sampled-token KL"
         acc = _ci(method_intervals(records, m, list(target_langs), num_resamples=num_resamples))

@@ -101,10 +101,12 @@ def test_ablation_table_orients_each_variant_against_forward_kl():
     recs = _ablation_records()
     methods = ["copsd", "copsd_rkl", "copsd_jsd", "sampled_kl"]
     settings = {m: objective_settings(MODES["quick"], m) for m in methods}
+    settings["copsd_jsd"] = objective_settings(MODES["quick"], "copsd_jsd", {"objective.token_clip": 0.05})
     comparisons = compare_methods(recs, methods, langs=("qge", "qva"), target_langs=("qge", "qva"), num_resamples=200)
     table = "\n".join(ablation_table(comparisons, recs, methods, settings, ("qge", "qva"), num_resamples=200))
     assert table.startswith("## Divergence ablation") and "| copsd | forward_kl | 0.500 [" in table
     jsd = next(line for line in table.splitlines() if line.startswith("| copsd_jsd |"))
+    assert "| jsd (beta 0.5), token clip 0.05 (entry) |" in jsd  # a clipped row says so
     assert "| -0.400 |" in jsd and jsd.rstrip().endswith("| copsd |")  # copsd - jsd = 0.4, interval excludes 0
     rkl = next(line for line in table.splitlines() if line.startswith("| copsd_rkl |"))
     assert "| +0.000 |" in rkl and "none (CI contains 0)" in rkl
