@@ -3,6 +3,8 @@
     copsd synth-bench --mode quick --out runs/synth            # minutes on 2 CPU cores, 1 seed
     copsd synth-bench --mode full --out runs/synth-full        # 5 seeds
     copsd synth-bench --mode quick --tune --out runs/tuned     # settings chosen on the dev split first
+    copsd synth-bench --mode quick --ablation --out runs/abl   # COPSD divergences + the reference's clip
+    copsd synth-bench --mode full --resume --out runs/synth-full --seeds 0 1 2   # reuse finished runs
 
 Pipeline: data (seeded generator) -> SentencePiece tokenizer -> short Megatron pretraining of a tiny
 Qwen3-style base model (cached by a hash of its settings under `--cache`, default `<out>/../.synth-cache`)
@@ -175,7 +177,8 @@ def parse_args(argv):
                    help="default: the mode's methods (copsd, grpo, sampled_kl)")
     p.add_argument("--ablation", action="store_true",
                    help=f"the divergence ablation: methods {' '.join(ABLATION_METHODS)} (forward KL, reverse KL, "
-                        "JSD 0.5, sampled-token), same budget; the summary gets its own ablation table")
+                        "JSD 0.5, sampled-token, forward KL with the reference's token clip 0.05), same budget; the summary gets "
+                        "its own ablation table")
     p.add_argument("--resume", action="store_true",
                    help="reuse finished runs in --out (a run whose config is unchanged and whose eval was saved) "
                         "and the saved base eval; render the summary over the requested seeds")
