@@ -139,7 +139,8 @@ class DataConfig:
     langs: list = field(default_factory=list)
     """Keep only these language codes (empty: all)."""
     task: str = "math"
-    """Grader: math, mcq or tooluse."""
+    """Grader: math (last \\boxed{}), math_number (last \\boxed{}, else the last number: for small models that
+    rarely box their answer), mcq or tooluse."""
     prompts_per_step: int = 4
     """Distinct prompts per optimizer step (each gets rollout.n samples)."""
     shuffle: bool = True
@@ -163,7 +164,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.train_path:
             _fail("data.train_path", "must be set")
-        _check_choice("data.task", self.task, ("math", "mcq", "tooluse"))
+        _check_choice("data.task", self.task, ("math", "math_number", "mcq", "tooluse"))
         _check_choice("data.format", self.format, ("copsd", "sciknoweval", "tooluse"))
         needed = {"sciknoweval": "mcq", "tooluse": "tooluse"}.get(self.format)
         if needed and self.task != needed:

@@ -2,8 +2,8 @@
 Spanish and German, COPSD vs GRPO vs the sampled-token objective at equal rollout budget.
 
     copsd convert gguf-to-hf --out models/smollm2-135m-instruct        # once (cached)
-    copsd real-bench --hf models/smollm2-135m-instruct --out runs/real --steps 20
-    copsd real-bench --hf ... --out runs/real-smoke --steps 2 --methods copsd --num-eval 16   # a smoke run
+    copsd real-bench --hf models/smollm2-135m-instruct --out runs/real --steps 12
+    copsd real-bench --hf ... --out runs/real-smoke --steps 2 --methods copsd --num-eval 4   # a smoke run
 
 The problems are the synthetic benchmark's seeded generator (`synthetic/generator.py`, train split for
 training, eval split for evaluation, so disjoint by construction), written in French, Spanish and German
@@ -12,17 +12,28 @@ solution, exactly like the COPSD data format (`problem`, `solution`, `problem_<l
 method goes through the same Megatron trainer (`copsd train`, a generated config, a fresh process per run),
 the embedded engine, the model's own tokenizer and chat template. Evaluation: greedy accuracy per language
 (English too) on the eval problems, before and after, with the synthetic benchmark's report and paired
-bootstrap intervals (`synthetic/summary.py`).
+bootstrap intervals (`synthetic/summary.py`), plus the base model's accuracy from the COPSD teacher prompt.
 
-Sizing for one CPU: short responses (`--max-new-tokens`, default 96), few prompts per step (2 x 4 samples),
-fp32. The trainer's own training checkpoint of each run (weights + Adam state, ~1.6 GB) is deleted after
-the run; its HF export (~0.5 GB) is kept for evaluation.
+What the 135M model can do (measured greedy, 16 problems per language): with the registry's "solve step
+by step ... \\boxed{}" instruction it rambles for 70-256 tokens and scores 0 in every language, English
+included, on two-step problems; it almost never writes `\\boxed{}`. Hence: one-step problems (`GEN`), our
+own short English instruction (`INSTRUCTION`) for every language, the same in the teacher prompt, and the
+`math_number` grader (the last box, else the last number written). The instruction stays English on
+purpose: the model follows English instructions only (a French/Spanish/German one made it echo the
+problem), and with it the gap under test is the language of the problem. Answers are ~40 tokens in
+English, ~20 elsewhere, so 64 new tokens (`Budget.max_new_tokens`) rarely truncate.
+
+Sizing for one CPU: short responses, few prompts per step (2 x 4 samples), fp32. The trainer's own
+training checkpoint of each run (weights + Adam state, ~1.6 GB) is deleted after the run; its HF export
+(~0.5 GB) is kept for evaluation.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -32,7 +43,10 @@ from megatron_copsd.synthetic.generator import GeneratorConfig, Problem, generat
 
 LANGS = ("fr", "es", "de")
 METHODS = ("copsd", "grpo", "sampled_kl")
-GEN = GeneratorConfig(min_steps=1, max_steps=2, max_value=9, max_result=20)
+GEN = GeneratorConfig(min_steps=1, max_steps=1, max_value=9, max_result=20)
+TASK = "math_number"
+INSTRUCTION = "Write the final answer as a number inside \\boxed{}."
+TEACHER_INSTRUCTION = "Use the material above only as a guide. " + INSTRUCTION
 
 # Our wording. Items: (French, Spanish, Spanish gender, German) per English item of the generator.
 ITEMS = {
@@ -96,6 +110,26 @@ def eval_examples(problems: list[Problem], langs=("eng", *LANGS)) -> list[dict]:
              "domain": "math"} for lang in langs for p in problems]
 
 
+def language_overrides() -> dict:
+    """`data.language_overrides` content: our student and teacher instruction for English and every target."""
+    return {code: {"instruction": INSTRUCTION, "teacher_labels": {"instruction": TEACHER_INSTRUCTION}}
+            for code in ("eng", "fra", "es", "de")}
+
+
+@contextlib.contextmanager
+def real_languages():
+    """The registry with `language_overrides()` applied, restored on exit (evaluation runs in this process)."""
+    from megatron_copsd.data.languages import apply_language_overrides, get_language, register_language
+
+    saved = [get_language(code) for code in language_overrides()]
+    apply_language_overrides(language_overrides(), source="realbench")
+    try:
+        yield
+    finally:
+        for lang in saved:
+            register_language(lang, replace=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """The rollout budget every method shares."""
@@ -103,18 +137,19 @@ class Budget:
     steps: int = 20
     prompts_per_step: int = 2
     n: int = 4
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
     temperature: float = 0.7
     lr: float = 1e-5
 
 
 def trainer_config(hf_dir: Path, train_path: Path, method: str, seed: int, run_dir: Path, b: Budget,
-                   cpu_threads: int = 2) -> dict:
+                   cpu_threads: int = 1, overrides_path: Path | None = None) -> dict:
     """The `copsd train` config of one run (nested dict of megatron_copsd.config fields)."""
     return {
         "model": {"hf_path": str(hf_dir), "tokenizer_path": str(hf_dir), "dtype": "fp32"},
-        "data": {"train_path": str(train_path), "langs": list(LANGS), "task": "math",
-                 "prompts_per_step": b.prompts_per_step, "max_prompt_tokens": 768},
+        "data": {"train_path": str(train_path), "langs": list(LANGS), "task": TASK,
+                 "prompts_per_step": b.prompts_per_step, "max_prompt_tokens": 768,
+                 "language_overrides": str(overrides_path) if overrides_path else None},
         "rollout": {"engine": "embedded", "n": b.n, "max_new_tokens": b.max_new_tokens, "temperature": b.temperature,
                     "top_p": 1.0, "top_k": -1, "max_batch_size": 32},
         "objective": {"name": method, "divergence": "forward_kl", "temperature": "auto", "teacher": "fixed"},
@@ -140,7 +175,7 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=Budget.lr)
     p.add_argument("--num-train", type=int, default=256)
     p.add_argument("--num-eval", type=int, default=64, help="eval problems per language")
-    p.add_argument("--cpu-threads", type=int, default=2)
+    p.add_argument("--cpu-threads", type=int, default=1)
     return p.parse_args(argv)
 
 
@@ -154,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(hf_dir: Path, out: Path, methods, seeds, b: Budget, *, num_train: int = 256, num_eval: int = 64,
-          cpu_threads: int = 2, log=None) -> str:
-    """Data -> base eval -> one trainer run + eval per (seed, method) -> summary.md; returns its path."""
+          cpu_threads: int = 1, log=None) -> str:
+    """Data -> base eval (student and teacher prompt) -> one trainer run + eval per (seed, method) -> summary.md;
+    returns its path."""
     import torch
+    import yaml
 
     from megatron_copsd.eval.metrics import compute_metrics, write_scored_generations
     from megatron_copsd.synthetic.corpus import write_jsonl
-    from megatron_copsd.synthetic.evaluate import EvalSettings, evaluate_checkpoint
+    from megatron_copsd.synthetic.evaluate import EvalSettings, evaluate_checkpoint, greedy_accuracy
     from megatron_copsd.synthetic.run import run_trainer
     from megatron_copsd.synthetic.summary import write_summary
 
@@ -169,30 +206,53 @@ def bench(hf_dir: Path, out: Path, methods, seeds, b: Budget, *, num_train: int 
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"--hf {hf_dir}: no config.json (convert the GGUF first: copsd convert gguf-to-hf)")
     t0 = time.time()
+    timings: dict[str, float] = {}
     train = generate_problems(11, num_train, "train", GEN)
     evals = generate_problems(12, num_eval, "eval", GEN)
     train_path = write_jsonl(train_rows(train), out / "data" / "train.jsonl")
+    overrides_path = out / "data" / "languages.yaml"
+    overrides_path.write_text(yaml.safe_dump(language_overrides(), allow_unicode=True, sort_keys=False))
     examples = eval_examples(evals)
     write_jsonl(examples, out / "data" / "eval.jsonl")
-    settings = EvalSettings(num_samples=0, max_new_tokens=b.max_new_tokens, max_batch_size=32)
-    records = evaluate_checkpoint(hf_dir, examples, label="base", settings=settings, log=log)
+    settings = EvalSettings(num_samples=0, max_new_tokens=b.max_new_tokens, max_batch_size=64, task=TASK)
+    targets = [e for e in examples if e["lang"] != "eng"]
+    with real_languages():
+        t = time.time()
+        records = evaluate_checkpoint(hf_dir, examples, label="base", settings=settings, log=log)
+        teacher = evaluate_checkpoint(hf_dir, targets, label="teacher", settings=settings, teacher_prompt=True, log=log)
+        timings["base eval (student + teacher prompt)"] = time.time() - t
+    write_scored_generations(teacher, out / "teacher_generations.jsonl")
+    teacher_acc = {lang: greedy_accuracy(teacher, lang) for lang in sorted({e["lang"] for e in targets})}
+    log(f"[real-bench] base greedy accuracy: "
+        + ", ".join(f"{lang} {greedy_accuracy(records, lang):.3f}" for lang in ("eng", *sorted(teacher_acc)))
+        + "; teacher prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in teacher_acc.items()))
     run_dirs = {}
     for seed in seeds:
         for method in methods:
             label = f"{method}-s{seed}"
             run_dir = out / "runs" / label
             log(f"[real-bench] {label}: {b.steps} steps x {b.prompts_per_step} prompts x {b.n} samples")
-            hf, _ = run_trainer(trainer_config(hf_dir, train_path, method, seed, run_dir, b, cpu_threads), run_dir, log)
+            t = time.time()
+            cfg = trainer_config(hf_dir, train_path, method, seed, run_dir, b, cpu_threads, overrides_path)
+            hf, _ = run_trainer(cfg, run_dir, log)
+            timings[f"{label} train"] = time.time() - t
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # weights + Adam state; the HF export stays
-            records += evaluate_checkpoint(hf, examples, label=label, settings=settings, log=log)
+            t = time.time()
+            with real_languages():
+                records += evaluate_checkpoint(hf, examples, label=label, settings=settings, log=log)
+            timings[f"{label} eval"] = time.time() - t
             run_dirs[label] = run_dir
     write_scored_generations(records, out / "scored_generations.jsonl")
+    timings["total"] = time.time() - t0
     info = {"mode": "real (SmolLM2-135M-Instruct)", "seeds": list(seeds), "num_eval": num_eval,
-            "languages": "target languages French (fra), Spanish (es) and German (de) with our own templates",
+            "languages": "target languages French (fra), Spanish (es) and German (de) with our own templates, "
+                         f"one-step problems, instruction {INSTRUCTION!r} in every language, grader {TASK}",
             "script_metric": False,  # every language here is written in Latin script
+            "teacher_greedy_accuracy": teacher_acc,
             "budget": f"{b.steps} steps x {b.prompts_per_step} prompts x {b.n} samples, <= {b.max_new_tokens} new "
-                      f"tokens, lr {b.lr:g}, T {b.temperature:g}", "timings": {"total": time.time() - t0}}
-    path = write_summary(compute_metrics(records), out, target_langs=tuple(sorted({e["lang"] for e in examples} - {"eng"})),
+                      f"tokens, lr {b.lr:g}, T {b.temperature:g}", "timings": timings,
+            "load_average": " / ".join(f"{x:.2f}" for x in os.getloadavg())}
+    path = write_summary(compute_metrics(records), out, target_langs=tuple(sorted({e["lang"] for e in targets})),
                          info=info, report_files={}, records=records, run_dirs=run_dirs)
     (out / "info.json").write_text(json.dumps(info, indent=2))
     return str(path)

@@ -7,6 +7,9 @@
   compared with `math-verify`; if that says no (or fails), numeric normalization decides (thousands
   commas, zero padding, trailing `.0`, `\\frac{a}{b}` vs decimals, `$`/`%`/`\\text{}` decorations).
   `formatted`: a `\\boxed{}` with content exists.
+- math_number: for small models that rarely write `\\boxed{}`: the last `\\boxed{...}` when there is one,
+  otherwise the last number in the response (`1,234`, `-3`, `2.5`); compared like `math`. `formatted`: a
+  number (or a box) was found.
 - mcq: the letter inside the last `<answer>...</answer>`; `formatted`: such a block holds one letter.
 - tooluse: every `Action:` line followed by `Action Input:` is one call, its input parsed with
   `json.JSONDecoder.raw_decode` (nested objects are fine); the multiset of (action, arguments) must
@@ -119,6 +122,23 @@ def grade_math(response: str, gold: str) -> Grade:
     return Grade(math_answers_equal(str(gold), extracted), True, extracted.strip())
 
 
+_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number written in `text` (a sentence-final `.` is not a decimal point); None when there is none."""
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def grade_math_number(response: str, gold: str) -> Grade:
+    boxed = extract_last_boxed(response)
+    extracted = boxed if boxed is not None and boxed.strip() else extract_last_number(response)
+    if extracted is None:
+        return Grade(False, False, None)
+    return Grade(math_answers_equal(str(gold), extracted), True, extracted.strip())
+
+
 # ------------------------------------------------------------------------------------------------ mcq
 
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
@@ -191,12 +211,13 @@ def grade_tooluse(response: str, gold) -> Grade:
     return Grade(bool(correct), formatted, extracted)
 
 
-GRADERS: dict[str, Callable[[str, Any], Grade]] = {"math": grade_math, "mcq": grade_mcq,
+GRADERS: dict[str, Callable[[str, Any], Grade]] = {"math": grade_math, "math_number": grade_math_number,
+                                                   "mcq": grade_mcq,
                                                    "tooluse": grade_tooluse}
 
 
 def get_grader(task: str) -> Callable[[str, Any], Grade]:
-    """`task`: "math" | "mcq" | "tooluse"."""
+    """`task`: "math" | "math_number" | "mcq" | "tooluse"."""
     if task not in GRADERS:
         raise ValueError(f"unknown grading task {task!r}; expected one of {sorted(GRADERS)}")
     return GRADERS[task]

@@ -1,7 +1,7 @@
 """`copsd eval`: evaluation reports from scored generations.
 
     copsd eval report --generations scored.jsonl [more.jsonl ...] --out reports/run1 [--title T] [--ks 1,2,4,8]
-    copsd eval score --generations raw.jsonl --task math|mcq|tooluse --out scored.jsonl
+    copsd eval score --generations raw.jsonl --task math|math_number|mcq|tooluse --out scored.jsonl
 
 `score` grades raw generations: records with the scored-generation fields except `extracted`,
 `correct` and `formatted`, plus `answer` (the gold answer); it writes scored-generation records.
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ks", default=None, help="comma-separated k values (default: powers of 2 up to n)")
     sc = sub.add_parser("score", help="grade raw generations (with a gold `answer`) into scored records")
     sc.add_argument("--generations", required=True)
-    sc.add_argument("--task", required=True, choices=["math", "mcq", "tooluse"])
+    sc.add_argument("--task", required=True, choices=["math", "math_number", "mcq", "tooluse"])
     sc.add_argument("--out", required=True)
     return p
 

@@ -4,9 +4,9 @@
 
 Generation runs on the embedded engine (`megatron_copsd.rollout.embedded.EmbeddedEngine`) with the
 student prompt of each example's language (`megatron_copsd.data.prompts.student_prompt`); grading is
-`megatron_copsd.data.graders.grade_math` (last balanced `\\boxed{}`); the records are the eval layer's
-`ScoredGeneration`s, so `megatron_copsd.eval.metrics` / `report` compute accuracy, format adherence,
-pass@k and maj@k per language.
+`megatron_copsd.data.graders.grade_math` (last balanced `\\boxed{}`; `EvalSettings.task` picks another
+grader); the records are the eval layer's `ScoredGeneration`s, so `megatron_copsd.eval.metrics` / `report`
+compute accuracy, format adherence, pass@k and maj@k per language.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class EvalSettings:
     sample_problems: Optional[int] = None
     """Sampled generations only for the first N problems of each language (None: all); greedy covers all.
     Keeps pass@k / maj@k affordable when the greedy eval set is large."""
+    task: str = "math"
+    """Grader (`megatron_copsd.data.graders`): math (last \\boxed{}) or math_number (box, else last number)."""
 
 
 def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: str,
@@ -42,7 +44,7 @@ def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: 
 
     `teacher_prompt=True` generates from the COPSD teacher prompt (problem + English problem + English
     solution) instead: a diagnostic of how good the privileged-context teacher is before training."""
-    from megatron_copsd.data.graders import grade_math
+    from megatron_copsd.data.graders import get_grader
     from megatron_copsd.data.prompts import copsd_teacher_prompt, student_prompt
     from megatron_copsd.data.tokenizer import load_tokenizer
     from megatron_copsd.eval.metrics import ScoredGeneration
@@ -51,6 +53,7 @@ def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: 
     from megatron_copsd.synthetic.languages import register_synthetic_languages
 
     register_synthetic_languages()
+    grade = get_grader(settings.task)
     t0 = time.time()
     tok = load_tokenizer(hf_dir)
     engine = EmbeddedEngine(str(hf_dir), eos_token_ids=tok.stop_token_ids, pad_token_id=tok.pad_token_id,
@@ -76,7 +79,7 @@ def evaluate_checkpoint(hf_dir: str | Path, examples: Sequence[dict], *, label: 
             for ex, samples in zip([examples[i] for i in subset], outs):
                 for j, s in enumerate(samples):
                     text = tok.decode(s.response_ids, skip_special_tokens=True)
-                    g = grade_math(text, ex["answer"])
+                    g = grade(text, ex["answer"])
                     records.append(ScoredGeneration(
                         model=label, lang=ex["lang"], domain=ex.get("domain", "math"), problem_id=str(ex["id"]).rsplit("-", 1)[0],
                         sample_idx=j, greedy=greedy, response=text, extracted=g.extracted, correct=bool(g.correct),

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from megatron_copsd.data.graders import (extract_last_boxed, get_grader, grade_math, grade_mcq, grade_tooluse,
-                                         normalize_number, parse_tool_calls)
+from megatron_copsd.data.graders import (extract_last_boxed, extract_last_number, get_grader, grade_math,
+                                         grade_math_number, grade_mcq, grade_tooluse, normalize_number,
+                                         parse_tool_calls)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -44,6 +45,26 @@ def test_missing_or_empty_boxed_is_unformatted():
     for resp in ("The answer is 18.", r"\boxed{}", r"\boxed{ }", r"\boxed{18"):
         g = grade_math(resp, "18")
         assert not g.formatted and not g.correct
+
+
+@pytest.mark.parametrize("resp,gold,correct,formatted,extracted", [
+    # SmolLM2-135M's real answers (real-bench): no box, the number last
+    ("Hugo has 8 shells.\n\nThe answer is 8 + 3 = 11.", "11", True, True, "11"),
+    ("Ben has 7 seeds. 8 more seeds = 7 + 8 = 15 seeds\nBen has 15 seeds now.", "15", True, True, "15"),
+    ("10\n\nThe answer is 10.", "17", False, True, "10"),
+    ("Juma a 9 pierres de plus. Combien de pierres ?", "17", False, True, "9"),
+    ("Hugo a des coquillages.", "11", False, False, None),
+    # a box wins over later numbers; an empty box falls back to the last number
+    ("So \\boxed{12}. Check: 5 + 7 = 13", "12", True, True, "12"),
+    ("La réponse est \\boxed{}, soit 4.", "4", True, True, "4"),
+    ("Total: 1,234 coins.", "1234", True, True, "1,234"),
+    ("It is -3.", "-3", True, True, "-3"),
+])
+def test_math_number(resp, gold, correct, formatted, extracted):
+    g = grade_math_number(resp, gold)
+    assert (g.correct, g.formatted, g.extracted) == (correct, formatted, extracted)
+    assert get_grader("math_number") is grade_math_number
+    assert extract_last_number("no digits") is None
 
 
 def test_normalize_number():
