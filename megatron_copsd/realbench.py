@@ -2,7 +2,7 @@
 Spanish and German, COPSD vs GRPO vs the sampled-token objective at equal rollout budget.
 
     copsd convert gguf-to-hf --out models/smollm2-135m-instruct        # once (cached)
-    copsd real-bench --hf models/smollm2-135m-instruct --out runs/real --steps 12
+    copsd real-bench --hf models/smollm2-135m-instruct --out runs/real --steps 10 --num-eval 32   # ~70 min here
     copsd real-bench --hf ... --out runs/real-smoke --steps 2 --methods copsd --num-eval 4   # a smoke run
 
 The problems are the synthetic benchmark's seeded generator (`synthetic/generator.py`, train split for
@@ -134,7 +134,7 @@ def real_languages():
 class Budget:
     """The rollout budget every method shares."""
 
-    steps: int = 20
+    steps: int = 10
     prompts_per_step: int = 2
     n: int = 4
     max_new_tokens: int = 64
@@ -174,7 +174,7 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=Budget.max_new_tokens)
     p.add_argument("--lr", type=float, default=Budget.lr)
     p.add_argument("--num-train", type=int, default=256)
-    p.add_argument("--num-eval", type=int, default=64, help="eval problems per language")
+    p.add_argument("--num-eval", type=int, default=32, help="eval problems per language")
     p.add_argument("--cpu-threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench(hf_dir: Path, out: Path, methods, seeds, b: Budget, *, num_train: int = 256, num_eval: int = 64,
+def bench(hf_dir: Path, out: Path, methods, seeds, b: Budget, *, num_train: int = 256, num_eval: int = 32,
           cpu_threads: int = 1, log=None) -> str:
     """Data -> base eval (student and teacher prompt) -> one trainer run + eval per (seed, method) -> summary.md;
     returns its path."""
