@@ -2,7 +2,7 @@
 Spanish and German, COPSD vs GRPO vs the sampled-token objective at equal rollout budget.
 
     copsd convert gguf-to-hf --out models/smollm2-135m-instruct        # once (cached)
-    copsd real-bench --hf models/smollm2-135m-instruct --out runs/real --steps 10 --num-eval 32   # ~70 min here
+    copsd real-bench --hf models/smollm2-135m-instruct --out runs/real --steps 10 --num-eval 32   # ~55 min here
     copsd real-bench --hf ... --out runs/real-smoke --steps 2 --methods copsd --num-eval 4   # a smoke run
 
 The problems are the synthetic benchmark's seeded generator (`synthetic/generator.py`, train split for
@@ -14,7 +14,7 @@ the embedded engine, the model's own tokenizer and chat template. Evaluation: gr
 (English too) on the eval problems, before and after, with the synthetic benchmark's report and paired
 bootstrap intervals (`synthetic/summary.py`), plus the base model's accuracy from the COPSD teacher prompt.
 
-What the 135M model can do (measured greedy, 16 problems per language): with the registry's "solve step
+What the 135M model can do (measured greedy, 6 problems per language): with the registry's "solve step
 by step ... \\boxed{}" instruction it rambles for 70-256 tokens and scores 0 in every language, English
 included, on two-step problems; it almost never writes `\\boxed{}`. Hence: one-step problems (`GEN`), our
 own short English instruction (`INSTRUCTION`) for every language, the same in the teacher prompt, and the
