@@ -77,8 +77,12 @@ def pair_logits_tile(HS_ptr, HT_ptr, W_ptr, WT_ptr, offs_t, offs_v, T, NV, H, st
             xt = xt.to(tl.float32)
             w = w.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc_a = tl.dot(xs, tl.trans(w), acc_a)
-        acc_b = tl.dot(xt, tl.trans(wt), acc_b)
+        if xs.dtype == tl.float32:  # fp32 inputs (parity / debugging): full fp32 products, not TF32
+            acc_a = tl.dot(xs, tl.trans(w), acc_a, input_precision="ieee")
+            acc_b = tl.dot(xt, tl.trans(wt), acc_b, input_precision="ieee")
+        else:
+            acc_a = tl.dot(xs, tl.trans(w), acc_a)
+            acc_b = tl.dot(xt, tl.trans(wt), acc_b)
     return acc_a, acc_b
 
 
