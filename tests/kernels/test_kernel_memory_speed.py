@@ -12,7 +12,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.kernels]
 
 def _measure(impl):
     cmd = [sys.executable, "-m", "copsd_kernels.bench", "--worker", "--impl", impl, "--mode", "cpu",
-           "--T", "4096", "--H", "256", "--V", "32768", "--divergence", "jsd", "--beta", "0.5", "--repeat", "1"]
+           "--T", "4096", "--H", "256", "--V", "32768", "--divergence", "jsd", "--beta", "0.5", "--repeat", "1",
+           "--threads", "1"]  # one thread: on a shared machine idle threads spin at barriers (measured: 2 threads
+    # under load average ~6 gave the chunked path 58 CPU-s vs naive 24; 1 thread 9.1-9.4 vs 24.5-28.3)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
     return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
 
