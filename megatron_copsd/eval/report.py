@@ -45,9 +45,14 @@ def _headline(row: dict):
     return row["accuracy"] if row["accuracy"] is not None else row.get("mean@1")
 
 
-def _save_fig(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Writes a matplotlib figure as PNG atomically (a reader never sees half a file) and closes it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, buf.getvalue())
 
 
@@ -80,8 +85,7 @@ def _plot_accuracy(rows, models, domains, path: Path) -> None:
         ax.set_title(f"{dom}: accuracy per language")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, title="model")
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_curves(rows, models, domains, metric: str, path: Path) -> bool:
@@ -118,8 +122,7 @@ def _plot_curves(rows, models, domains, metric: str, path: Path) -> bool:
         ax.set_title(f"{dom}: {metric}@k")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2, handlelength=3.5, title="model / language", title_fontsize=7)
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

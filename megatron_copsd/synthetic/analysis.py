@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from megatron_copsd.eval.report import save_figure
 from megatron_copsd.eval.stats import split_label
 
 CURVE_METRICS = ("accuracy", "zero_adv_share")
@@ -113,11 +114,7 @@ def plot_learning_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return path
 
 
@@ -163,9 +160,5 @@ def plot_at_k(rows: Sequence[dict], metric: str, langs: Sequence[str], path: Pat
     axes[0][0].set_ylabel(f"{metric}@k (mean over seeds)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return path
