@@ -26,6 +26,13 @@ def test_hold(slurm_cluster):
 '''
 
 
+def _default_signals() -> None:
+    """preexec_fn of the child pytest: SIGINT back to its default. A command started with `&` from a
+    non-interactive shell (`nohup bash .ci/run &`, some CI runners) inherits SIGINT ignored, and a Python
+    started with SIGINT ignored never raises KeyboardInterrupt; Ctrl-C in a terminal finds the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -48,7 +55,7 @@ def test_interrupted_session_leaves_no_daemon(tmp_path, sig):
     child = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                               "-c", str(tmp_path / "pytest.ini"), str(tmp_path / "test_holder.py")],
                              cwd=tmp_path, env=env, stdout=open(tmp_path / "child.log", "w"),
-                             stderr=subprocess.STDOUT)
+                             stderr=subprocess.STDOUT, preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 180
         while not pids_file.exists():
