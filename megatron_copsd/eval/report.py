@@ -56,6 +56,14 @@ def save_figure(fig, path: Path) -> None:
     _atomic_write(path, buf.getvalue())
 
 
+def k_axis(ax, ks) -> None:
+    """An x axis for metric@k curves: k on a log2 scale, ticks exactly at the measured k."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set_xlabel("k")
+
+
 def _plot_accuracy(rows, models, domains, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -113,10 +121,7 @@ def _plot_curves(rows, models, domains, metric: str, path: Path) -> bool:
                         markersize=3, color=cmap(li % cmap.N), label=f"{m} / {lang}")
         all_ks = sorted({int(c.split("@")[1]) for r in rows if r["domain"] == dom for c in r
                          if c.startswith(f"{metric}@")})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(all_ks, [str(k) for k in all_ks])
-        ax.minorticks_off()
-        ax.set_xlabel("k")
+        k_axis(ax, all_ks)
         ax.set_ylabel(f"{metric}@k")
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{dom}: {metric}@k")

@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from megatron_copsd.eval.report import save_figure
+from megatron_copsd.eval.report import k_axis, save_figure
 from megatron_copsd.eval.stats import split_label
 
 CURVE_METRICS = ("accuracy", "zero_adv_share")
@@ -150,10 +150,7 @@ def plot_at_k(rows: Sequence[dict], metric: str, langs: Sequence[str], path: Pat
                 ax.plot([k for k, _, _ in pts], [v for _, v, _ in pts], marker="o", markersize=3,
                         label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})")
         ks = sorted({k for pts in curves.values() for k, _, _ in pts})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.minorticks_off()
-        ax.set_xlabel("k")
+        k_axis(ax, ks)
         ax.set_title(f"{lang}: {metric}@k")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
