@@ -288,7 +288,7 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
     tuning: dict = {}
     if tune and not skip_train:
         with stage("tuning on dev"):
-            tuning = tune_on_dev(mode, base_root, out, log)
+            tuning = tune_on_dev(mode, base_root, out, log, jobs=jobs, resume=resume)
     chosen = {m: r["chosen"] for m, r in tuning.items()}
     if not skip_train:
         runs = [(seed, method) for seed in mode.seeds for method in mode.methods]
@@ -349,8 +349,11 @@ def bench(mode: Mode, out: Path, cache: Path, *, skip_train: bool = False, log=N
     return {"timings": timings, "cpu_seconds": cpu, "files": files, "rows": rows}
 
 
-def tune_on_dev(mode: Mode, base_root: Path, out: Path, log) -> dict:
-    """Every method's tuning grid on the first seed, scored by greedy target-language accuracy on dev."""
+def tune_on_dev(mode: Mode, base_root: Path, out: Path, log, *, jobs: int = 1, resume: bool = False) -> dict:
+    """Every method's tuning grid on the first seed, scored by greedy target-language accuracy on dev.
+    `jobs` grid points train (and are scored) at once; the choice does not depend on the order. Each
+    point saves its dev score next to its run (`<out>/tune/<method>-<i>/dev_score.json`, keyed by its
+    trainer config and the dev set); `resume` reuses a saved score whose key is unchanged."""
     from megatron_copsd.synthetic.evaluate import evaluate_checkpoint
     from megatron_copsd.synthetic.tuning import grid, tune
 
@@ -359,17 +362,34 @@ def tune_on_dev(mode: Mode, base_root: Path, out: Path, log) -> dict:
         raise ValueError("--tune needs a dev split: set num_dev (and num_eval) in the mode")
     dev = [e for e in (json.loads(line) for line in path.read_text().splitlines()) if e["lang"] in TARGET_LANGS]
     seed = mode.seeds[0]
+    settings = dataclasses.replace(mode.eval, num_samples=0)
+    points = [(method, i, overrides) for method in mode.methods for i, overrides in enumerate(grid(method))]
 
-    def train(method, overrides):
-        run_dir = out / "tune" / f"{method}-{grid(method).index(overrides)}"
-        return run_trainer(trainer_config(mode, method, seed, base_root, run_dir, overrides), run_dir, log)[0]
+    def run_point(point) -> float:
+        method, i, overrides = point
+        run_dir = out / "tune" / f"{method}-{i}"
+        cfg = trainer_config(mode, method, seed, base_root, run_dir, overrides)
+        key = json.loads(json.dumps({"trainer_config": cfg, "dev": [e["id"] for e in dev],
+                                     "eval": dataclasses.asdict(settings)}, default=str))
+        saved = run_dir / "dev_score.json"
+        if resume and saved.is_file():
+            data = json.loads(saved.read_text())
+            if data.get("key") == key:
+                log(f"[resume] reusing the dev score of {run_dir}")
+                return float(data["dev_score"])
+            log(f"[resume] {run_dir}: settings changed since it was scored; running it again")
+        hf = run_trainer(cfg, run_dir, log)[0]
+        recs = evaluate_checkpoint(hf, dev, label=f"dev-{method}-{i}", log=log, settings=settings)
+        score = sum(r.correct for r in recs) / len(recs)
+        tmp = saved.with_suffix(".json.tmp")  # written last and atomically: an interrupted point is re-run
+        tmp.write_text(json.dumps({"key": key, "dev_score": score}))
+        tmp.replace(saved)
+        return score
 
-    def dev_score(hf, method, overrides):
-        recs = evaluate_checkpoint(hf, dev, label=f"dev-{method}", log=log,
-                                   settings=dataclasses.replace(mode.eval, num_samples=0))
-        return sum(r.correct for r in recs) / len(recs)
-
-    return tune(mode.methods, train=train, dev_score=dev_score, log=log)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        scores = {(m, i): s for (m, i, _), s in zip(points, pool.map(run_point, points))}
+    return tune(mode.methods, train=lambda method, overrides: (method, grid(method).index(overrides)),
+                dev_score=lambda point, method, overrides: scores[point], log=log)
 
 
 def eval_set(mode: Mode, base_root: Path, out: Path) -> tuple[list[dict], int]:

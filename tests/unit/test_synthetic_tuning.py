@@ -48,3 +48,58 @@ def test_tune_chooses_on_dev_scores_with_deterministic_ties():
     md = "\n".join(tuning_table(res))
     assert "| copsd | optim.lr=0.0001, objective.token_clip=0.05 | 0.900 | yes |" in md
     assert md.count("| yes |") == 2
+
+
+def test_tune_on_dev_runs_points_in_parallel_and_resumes(tmp_path, monkeypatch):
+    """`tune_on_dev` with the trainer and the evaluator replaced (the real ones are the benchmark's): the
+    choice is the same at jobs=1 and jobs=2, every grid point writes its score, and `resume` re-scores only
+    a point whose trainer config changed."""
+    import dataclasses
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    import megatron_copsd.synthetic.evaluate as evaluate_mod
+    import megatron_copsd.synthetic.run as run_mod
+    from megatron_copsd.synthetic.presets import MODES
+
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    dev = [{"id": f"dev-{i}-qge", "lang": "qge"} for i in range(4)] + [{"id": "dev-0-eng", "lang": "eng"}]
+    (out / "data" / "dev.jsonl").write_text("\n".join(json.dumps(e) for e in dev) + "\n")
+    mode = dataclasses.replace(MODES["quick"], methods=("copsd", "grpo"))
+    trained, active, peak = [], [0], [0]
+    lock = threading.Lock()
+
+    def fake_trainer(cfg, run_dir, log):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threading.Event().wait(0.05)
+        with lock:
+            active[0] -= 1
+            trained.append(run_dir.name)
+        return run_dir / "hf", 0.0
+
+    def fake_eval(hf, examples, *, label, log, settings):
+        assert [e["lang"] for e in examples] == ["qge"] * 4 and settings.num_samples == 0  # dev targets, greedy
+        share = {"copsd-2": 1.0, "copsd-3": 1.0, "grpo-5": 1.0}.get(Path(hf).parent.name, 0.5)  # ties at 1.0
+        return [SimpleNamespace(correct=(i / len(examples)) < share) for i in range(len(examples))]
+
+    monkeypatch.setattr(run_mod, "run_trainer", fake_trainer)
+    monkeypatch.setattr(evaluate_mod, "evaluate_checkpoint", fake_eval)
+    serial = run_mod.tune_on_dev(mode, tmp_path / "base", out, print, jobs=1)
+    assert len(trained) == 12 and peak[0] == 1
+    trained.clear()
+    parallel = run_mod.tune_on_dev(mode, tmp_path / "base", out, print, jobs=2)
+    assert len(trained) == 12 and peak[0] == 2  # resume off: every point trains again
+    assert serial == parallel
+    assert serial["copsd"]["chosen"] == grid("copsd")[2] and serial["grpo"]["chosen"] == grid("grpo")[5]
+    trained.clear()
+    logs = []
+    again = run_mod.tune_on_dev(mode, tmp_path / "base", out, logs.append, jobs=2, resume=True)
+    assert trained == [] and again == serial and sum("reusing the dev score" in m for m in logs) == 12
+    changed = dataclasses.replace(mode, train=dataclasses.replace(mode.train, steps=mode.train.steps + 1))
+    run_mod.tune_on_dev(changed, tmp_path / "base", out, logs.append, jobs=2, resume=True)
+    assert sorted(trained) == sorted(f"{m}-{i}" for m in ("copsd", "grpo") for i in range(6))
