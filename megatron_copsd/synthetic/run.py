@@ -430,11 +430,27 @@ def _reuse(stem: Path, key: dict, log) -> list | None:
     if not (meta.is_file() and recs.is_file()):
         return None
     saved = json.loads(meta.read_text()).get("key")
-    if saved != json.loads(json.dumps(key, default=str)):
+    if not _same_key(saved, json.loads(json.dumps(key, default=str))):
         log(f"[resume] {stem}: settings changed since it was saved; running it again")
         return None
     log(f"[resume] reusing {recs}")
     return read_scored_generations(recs)
+
+
+def _same_key(saved, current) -> bool:
+    """`saved == current`, except that an eval setting added to `EvalSettings` after the run was saved
+    (absent from the saved key) counts as unchanged while it is at its default: it did not exist, so the
+    saved run behaved as that default does."""
+    from megatron_copsd.synthetic.evaluate import EvalSettings
+
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return saved == current
+    if isinstance(saved.get("eval"), dict) and isinstance(current.get("eval"), dict):
+        defaults = json.loads(json.dumps(dataclasses.asdict(EvalSettings()), default=str))
+        cur_eval = {k: v for k, v in current["eval"].items()
+                    if k in saved["eval"] or k not in defaults or v != defaults[k]}
+        current = {**current, "eval": cur_eval}
+    return saved == current
 
 
 def _first_per_lang(examples: list[dict], n: int) -> list[dict]:

@@ -143,3 +143,17 @@ def test_resume_reuses_only_an_unchanged_finished_eval(tmp_path):
     assert _reuse(tmp_path / "bench_eval", changed, logs.append) is None and "settings changed" in logs[0]
     (tmp_path / "bench_eval.json").unlink()  # an eval interrupted before its key was written is not reused
     assert _reuse(tmp_path / "bench_eval", key, print) is None
+
+
+def test_resume_accepts_an_eval_setting_added_later_at_its_default(tmp_path):
+    """A run saved before `EvalSettings.task` existed is reused while `task` is at its default ("math"),
+    and re-run once it is not."""
+    from megatron_copsd.synthetic.run import _reuse, _save
+
+    recs = _recs("copsd-s0", "qge", [True])
+    old_key = {"eval": {"num_samples": 8}, "base": "/b"}
+    _save(tmp_path / "bench_eval", old_key, recs)
+    assert _reuse(tmp_path / "bench_eval", {"eval": {"num_samples": 8, "task": "math"}, "base": "/b"}, print) == recs
+    assert _reuse(tmp_path / "bench_eval", {"eval": {"num_samples": 8, "task": "code"}, "base": "/b"}, print) is None
+    assert _reuse(tmp_path / "bench_eval", {"eval": {"num_samples": 4, "task": "math"}, "base": "/b"}, print) is None
+    assert _reuse(tmp_path / "bench_eval", {"eval": {"num_samples": 8, "nope": 1}, "base": "/b"}, print) is None
