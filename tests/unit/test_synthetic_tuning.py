@@ -103,3 +103,27 @@ def test_tune_on_dev_runs_points_in_parallel_and_resumes(tmp_path, monkeypatch):
     changed = dataclasses.replace(mode, train=dataclasses.replace(mode.train, steps=mode.train.steps + 1))
     run_mod.tune_on_dev(changed, tmp_path / "base", out, logs.append, jobs=2, resume=True)
     assert sorted(trained) == sorted(f"{m}-{i}" for m in ("copsd", "grpo") for i in range(6))
+
+
+def test_grpo_knob_is_one_that_matters_on_policy():
+    """The benchmark's GRPO knob. With one optimizer step per rollout batch, the loss is evaluated at
+    logprobs == old_logprobs (ratio exactly 1), so the ratio clip cannot change the loss or its gradient:
+    0.2 and clip-higher 0.28 give bitwise the same update (as the full-mode tuning run showed: identical
+    dev scores). The std normalization does change it; that is the knob the grid tries."""
+    import torch
+
+    from megatron_copsd.objective.grpo import group_advantages, grpo_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(12, requires_grad=True)
+    old = logits.detach().clone()
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    grads = {}
+    for clip_high in (0.2, 0.28):
+        for std in (True, False):
+            adv = group_advantages(rewards, 3, std_normalize=std).repeat_interleave(2)
+            loss, _ = grpo_loss(logits, old, adv, torch.ones(12), 12.0, clip_eps_high=clip_high)
+            grads[clip_high, std] = torch.autograd.grad(loss, logits)[0]
+    assert torch.equal(grads[0.2, True], grads[0.28, True]) and torch.equal(grads[0.2, False], grads[0.28, False])
+    assert not torch.allclose(grads[0.2, True], grads[0.2, False])
+    assert grid("grpo")[1] == {"optim.lr": LR_GRID[0], "objective.std_normalize": False}
