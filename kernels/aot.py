@@ -12,7 +12,9 @@ hints the same source compiles to a different kernel (scalar 2-byte loads, no so
 Per variant: shared memory and warps from the metadata, the wgmma instruction shapes in the PTX, registers
 and spill bytes from `ptxas -v --gpu-name sm_90a` (shipped in the wheel, triton/backends/nvidia/bin/), and
 whether row offsets are computed in 64-bit (an i64 `arith.muli` in the TTIR). Shipped-config rules:
-0 spills, shared memory <= 227 KB, and for the GEMM-like kernels (tl.dot over H) wgmma with N >= 128.
+0 spills, shared memory <= 227 KB, and for the GEMM-like kernels (tl.dot over H) wgmma with N >= 128 and no
+layout conversion of an fp32 logits tile (`cvt`: the epilogue's column blocks, divergence_triton._col_parts,
+must stay register renumberings, not round trips through shared memory).
 """
 from __future__ import annotations
 
@@ -83,14 +85,6 @@ def _store_args(kernel, T, H, V):
 SLOW_VARIANTS = {"div_sums[KIND=0,CLIP=False]", "div_sums[KIND=1,CLIP=False]", "div_sums[KIND=0,CLIP=True]",
                  "div_sums[KIND=1,CLIP=True]", "div_grad[KIND=0,CLIP=True]", "div_grad[KIND=1,CLIP=True]",
                  "div_grad[KIND=1,CLIP=False]", "div_stats[SHARED_W=False]"}
-# known open problem (a strict xfail each until fixed): the recompute sums kernels with the per-entry clip and
-# the JSD ones hold two fp32 128 x 128 logits accumulators plus the cancellation-free per-entry terms (series
-# and direct branches) and 5 row sums; ptxas (first config, s3) spills: div_sums KL+clip 424 / 624 B, JSD 2272 B,
-# JSD+clip 3268 B, div_grad JSD+clip 3436 B (the old one-pass kernels spilled only in the JSD clip sums, 200-280 B)
-KNOWN_SPILLS = {"div_sums[KIND=0,CLIP=True]", "div_sums[KIND=1,CLIP=True]", "div_sums[KIND=2,CLIP=False]",
-                "div_sums[KIND=2,CLIP=True]", "div_grad[KIND=2,CLIP=True]"}
-
-
 def _tile(c):
     return {k: v for k, v in c.items() if k.startswith("BLOCK")}
 
@@ -128,6 +122,7 @@ class AotResult:
     int64_offsets: bool
     gemm: bool
     divisible_args: int  # arguments the JIT specialization marked tt.divisibility=16
+    tile_converts: int  # ttg.convert_layout ops on 2-D fp32 tensors (a logits tile through shared memory)
 
     @property
     def min_wgmma_n(self) -> int:
@@ -143,6 +138,8 @@ class AotResult:
             out.append(f"{self.shared_bytes} B shared memory > {SHARED_LIMIT}")
         if self.gemm and self.min_wgmma_n < MIN_WGMMA_N:
             out.append(f"wgmma {self.wgmma or 'absent'} (need N >= {MIN_WGMMA_N})")
+        if self.gemm and self.tile_converts:
+            out.append(f"{self.tile_converts} layout conversions of fp32 logits tiles")
         return out
 
 
@@ -201,7 +198,8 @@ def compile_variant(name, fn, config, extra, make_args, gemm, shape=None) -> Aot
     return AotResult(name, cfg, int(compiled.metadata.shared), int(compiled.metadata.num_warps),
                      int(config["num_stages"]), shapes, regs, spills,
                      bool(re.search(r"arith\.muli [^\n]*(: i64|xi64>)", ttir)), gemm,
-                     sum(1 for v in src.attrs.values() if ["tt.divisibility", 16] in v))
+                     sum(1 for v in src.attrs.values() if ["tt.divisibility", 16] in v),
+                     len(re.findall(r"ttg\.convert_layout [^\n]*: tensor<\d+x\d+xf32", compiled.asm["ttgir"])))
 
 
 def compile_all() -> list[AotResult]:
@@ -211,12 +209,12 @@ def compile_all() -> list[AotResult]:
 
 def format_table(rows) -> str:
     head = (f"{'kernel':26s} {'config':22s} {'shared KB':>9s} {'warps':>5s} {'regs':>4s} {'spill B':>7s} "
-            f"{'wgmma':12s} {'i64':>4s} {'div16':>5s} ok")
+            f"{'wgmma':12s} {'i64':>4s} {'div16':>5s} {'cvt':>3s} ok")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.kernel:26s} {r.config:22s} {r.shared_bytes / 1024:9.1f} {r.num_warps:5d} "
                      f"{str(r.registers):>4s} {str(r.spill_bytes):>7s} {','.join(r.wgmma) or '-':12s} "
-                     f"{'yes' if r.int64_offsets else 'no':>4s} {r.divisible_args:5d} "
+                     f"{'yes' if r.int64_offsets else 'no':>4s} {r.divisible_args:5d} {r.tile_converts:3d} "
                      f"{'yes' if not r.problems() else '; '.join(r.problems())}")
     return "\n".join(lines)
 

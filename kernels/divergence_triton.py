@@ -48,6 +48,12 @@ CHUNK_TOKENS = 4096  # dZ chunk: 4096 x V_local in bf16; >= 2048 keeps the dW GE
 GROUP_T = 8  # token tiles per launch group (grouped_tile)
 SPLIT_SMS = 132  # H100 SXM SMs: the statistics grid aims at 2 programs per SM
 MIN_SPLIT_COLS = 16 * 128  # a split walks at least 16 vocab tiles (its partial statistics cost ~nothing)
+# The per-entry epilogue runs on column blocks of the [128, 128] logits tiles, each in its own basic block (an
+# `if` on the block's first column), so that LLVM and ptxas schedule one block's exp/log temporaries at a time
+# instead of interleaving the whole tile's (kernels/aot.py: without it 5 variants spilled 424-3436 B at 255
+# registers; with 8 / 4 blocks every variant is spill-free, docs in _col_parts).
+SUMS_PARTS = tl.constexpr(8)
+GRAD_PARTS = tl.constexpr(4)
 NSUM = 5  # per-token sums: div, clipped loss, S, n_clipped, mass_clipped
 BIG_VOCAB = 1024  # under the interpreter, vocabularies above this run with BLOCK_V=2048 (fewer numpy steps)
 
@@ -100,6 +106,36 @@ def _jsd_logs(r, beta):
 
 
 @triton.jit
+def _halves(x, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(x[:, :BV/2], x[:, BV/2:]) of a [BLOCK_T, BLOCK_V] tile."""
+    return tl.split(tl.permute(tl.reshape(x, (BLOCK_T, 2, BLOCK_V // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _col_parts(x, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, PARTS: tl.constexpr):
+    """The tile as a tuple of PARTS (1, 2, 4 or 8) consecutive column blocks. Free on the GPU: in the wgmma
+    accumulator layout (m64n128) a thread holds columns c, c+1, c+8, ..., c+64 of its rows, so column bits 3..6
+    are register bits and reshape / permute / split only renumber registers (the TTGIR has no convert_layout
+    there and no shared memory is used; the shapes are linear layouts)."""
+    if PARTS == 1:
+        return (x,)
+    elif PARTS == 2:
+        return _halves(x, BLOCK_T, BLOCK_V)
+    elif PARTS == 4:
+        x0, x1 = _halves(x, BLOCK_T, BLOCK_V)
+        x00, x01 = _halves(x0, BLOCK_T, BLOCK_V // 2)
+        x10, x11 = _halves(x1, BLOCK_T, BLOCK_V // 2)
+        return x00, x01, x10, x11
+    else:
+        x0, x1, x2, x3 = _col_parts(x, BLOCK_T, BLOCK_V, 4)
+        y0, y1 = _halves(x0, BLOCK_T, BLOCK_V // 4)
+        y2, y3 = _halves(x1, BLOCK_T, BLOCK_V // 4)
+        y4, y5 = _halves(x2, BLOCK_T, BLOCK_V // 4)
+        y6, y7 = _halves(x3, BLOCK_T, BLOCK_V // 4)
+        return y0, y1, y2, y3, y4, y5, y6, y7
+
+
+@triton.jit
 def _terms(a, b, lse_a, dlse, inv_tau, beta, KIND: tl.constexpr):
     """The store mode's per-entry terms (q, d, breg, shift, s, mass, h; divergence_store._entry_terms) from
     recomputed raw logits tiles; JSD through _jsd_logs (same quantities, fewer live registers)."""
@@ -115,6 +151,40 @@ def _terms(a, b, lse_a, dlse, inv_tau, beta, KIND: tl.constexpr):
         return q, d, d, tl.zeros_like(d), s, mass, s
     else:
         return _entry_terms(a, b, lse_a, dlse, inv_tau, beta, KIND)
+
+
+@triton.jit
+def _part_sums(a, b, p0, hi, lse_a, dlse, inv_tau, clip, beta, KIND: tl.constexpr, CLIP_ENTRY: tl.constexpr,
+               WIDTH: tl.constexpr):
+    """Row sums (div, clipped loss, S, n_clipped, mass_clipped) of one [BLOCK_T, WIDTH] column block whose
+    first column is p0 (columns >= hi excluded)."""
+    valid = (p0 + tl.arange(0, WIDTH))[None, :] < hi
+    q, d, breg, shift, s, mass, h = _terms(a, b, lse_a[:, None], dlse[:, None], inv_tau, beta, KIND)
+    div = tl.sum(tl.where(valid, breg, 0.0), 1)
+    if CLIP_ENTRY:
+        cut = valid & (d > clip)
+        loss = tl.sum(tl.where(valid, tl.where(cut, clip + shift, breg), 0.0), 1)
+        ssum = tl.sum(tl.where(valid & (d <= clip), s, 0.0), 1)
+        n = tl.sum(tl.where(cut, 1.0, 0.0), 1)
+        m = tl.sum(tl.where(cut, mass, 0.0), 1)
+    else:
+        loss = div
+        ssum = tl.sum(tl.where(valid, s, 0.0), 1)
+        n = div
+        m = div
+    return div, loss, ssum, n, m
+
+
+@triton.jit
+def _part_grad(a, b, rows, row, p0, NV, lse_a, dlse, ssum, coef, inv_tau, clip, beta, KIND: tl.constexpr,
+               CLIP_ENTRY: tl.constexpr, WIDTH: tl.constexpr):
+    """Stores dZ of one [BLOCK_T, WIDTH] column block whose first column is p0 (row pointers `rows`)."""
+    offs = p0 + tl.arange(0, WIDTH)
+    q, d, breg, shift, s, mass, h = _terms(a, b, lse_a[:, None], dlse[:, None], inv_tau, beta, KIND)
+    if CLIP_ENTRY:
+        h = tl.where(d > clip, 0.0, h)
+    g = coef[:, None] * (h - q * ssum[:, None])
+    tl.store(rows + offs[None, :], g.to(rows.dtype.element_ty), mask=row[:, None] & (offs[None, :] < NV))
 
 
 @triton.jit
@@ -167,19 +237,21 @@ def _div_sums_kernel(HS_ptr, HT_ptr, W_ptr, WT_ptr, TOK_ptr, SUMS_ptr, T, NV, H,
     acc_m = tl.zeros((BLOCK_T,), tl.float32)
     for v0 in range(lo, hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        valid = offs_v[None, :] < hi
         a, b = pair_logits_tile(HS_ptr, HT_ptr, W_ptr, WT_ptr, offs_t, offs_v, T, hi, H, stride_x, stride_w,
                                 BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT, SHARED_W)
-        q, d, breg, shift, s, mass, h = _terms(a, b, lse_a[:, None], dlse[:, None], inv_tau, beta, KIND)
-        acc_div += tl.sum(tl.where(valid, breg, 0.0), 1)
-        if CLIP_ENTRY:
-            cut = valid & (d > clip)
-            acc_loss += tl.sum(tl.where(valid, tl.where(cut, clip + shift, breg), 0.0), 1)
-            acc_s += tl.sum(tl.where(valid & (d <= clip), s, 0.0), 1)
-            acc_n += tl.sum(tl.where(cut, 1.0, 0.0), 1)
-            acc_m += tl.sum(tl.where(cut, mass, 0.0), 1)
-        else:
-            acc_s += tl.sum(tl.where(valid, s, 0.0), 1)
+        parts_a = _col_parts(a, BLOCK_T, BLOCK_V, SUMS_PARTS)
+        parts_b = _col_parts(b, BLOCK_T, BLOCK_V, SUMS_PARTS)
+        for i in tl.static_range(SUMS_PARTS):
+            p0 = v0 + i * (BLOCK_V // SUMS_PARTS)
+            if p0 < hi:
+                c_div, c_loss, c_s, c_n, c_m = _part_sums(parts_a[i], parts_b[i], p0, hi, lse_a, dlse, inv_tau, clip,
+                                                          beta, KIND, CLIP_ENTRY, BLOCK_V // SUMS_PARTS)
+                acc_div += c_div
+                acc_s += c_s
+                if CLIP_ENTRY:
+                    acc_loss += c_loss
+                    acc_n += c_n
+                    acc_m += c_m
     out = SUMS_ptr + (pid_s * T + offs_t) * 5
     tl.store(out, acc_div, mask=row)
     if CLIP_ENTRY:
@@ -210,14 +282,15 @@ def _div_grad_kernel(HS_ptr, HT_ptr, W_ptr, WT_ptr, TOK_ptr, DZ_ptr, T, NV, H, s
         coef = coef * (1.0 - beta)
     a, b = pair_logits_tile(HS_ptr, HT_ptr, W_ptr, WT_ptr, offs_t, offs_v, T, NV, H, stride_x, stride_w,
                             BLOCK_T, BLOCK_V, BLOCK_H, UPCAST_DOT, SHARED_W)
-    q, d, breg, shift, s, mass, h = _terms(a, b, lse_a[:, None], dlse[:, None], inv_tau, beta, KIND)
-    if CLIP_ENTRY:
-        h = tl.where(d > clip, 0.0, h)
-    g = coef[:, None] * (h - q * ssum[:, None])
-    mask = row[:, None] & (offs_v[None, :] < NV)
+    parts_a = _col_parts(a, BLOCK_T, BLOCK_V, GRAD_PARTS)
+    parts_b = _col_parts(b, BLOCK_T, BLOCK_V, GRAD_PARTS)
     # int64 row offsets: a dZ chunk of T_c x V_local elements may exceed 2^31
-    tl.store(DZ_ptr + offs_t.to(tl.int64)[:, None] * stride_dz + offs_v[None, :], g.to(DZ_ptr.dtype.element_ty),
-             mask=mask)
+    rows = DZ_ptr + offs_t.to(tl.int64)[:, None] * stride_dz
+    for i in tl.static_range(GRAD_PARTS):
+        p0 = pid_v * BLOCK_V + i * (BLOCK_V // GRAD_PARTS)
+        if p0 < NV:
+            _part_grad(parts_a[i], parts_b[i], rows, row, p0, NV, lse_a, dlse, ssum, coef, inv_tau, clip, beta,
+                       KIND, CLIP_ENTRY, BLOCK_V // GRAD_PARTS)
 
 
 _stats_tuned = autotuned(_div_stats_kernel, STATS_CONFIGS, key=["NV", "H", "SHARED_W"])

@@ -15,10 +15,8 @@ aot = pytest.importorskip("copsd_kernels.aot", reason="triton is not installed")
 # row kernels with the most live values (row_lse, JSD with the per-entry clip); of the recompute per-entry clip
 # variants only the JSD ones (aot.SLOW_VARIANTS); the rest are marked slow.
 DEFAULT_ROW = {"row_lse", "row_sums[KIND=2,CLIP=True]", "row_grad[KIND=2,CLIP=True]"}
-CASES = [pytest.param(v, cfg, marks=([pytest.mark.slow] if i or (not v[5] and v[0] not in DEFAULT_ROW)
-                                     or v[0] in aot.SLOW_VARIANTS else [])
-                      + ([pytest.mark.xfail(strict=True, reason="register spills (aot.KNOWN_SPILLS)")]
-                         if v[0] in aot.KNOWN_SPILLS else []),
+CASES = [pytest.param(v, cfg, marks=[pytest.mark.slow] if i or (not v[5] and v[0] not in DEFAULT_ROW)
+                      or v[0] in aot.SLOW_VARIANTS else [],
                       id=f"{v[0]}-" + "x".join(str(x) for k, x in cfg.items() if k.startswith("BLOCK"))
                          + f"w{cfg['num_warps']}s{cfg['num_stages']}")
          for v in aot.VARIANTS for i, cfg in enumerate(v[2])]
