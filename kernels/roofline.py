@@ -46,6 +46,7 @@ TENSOR_FLOP_PER_CLK_SM = 4096  # dense bf16: 4 tensor cores x 1024 FLOP/clk
 SMEM_BYTES_PER_CLK_SM = 128
 MUFU_PER_CLK_SM = 16  # exp2 / log2 / rcp throughput
 FP32_PER_CLK_SM = 128
+SHFL_PER_CLK_SM = 1  # warp shuffle instructions (32 lanes each)
 REGS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 
@@ -100,9 +101,12 @@ class TileConfig:
 
 
 def tile_efficiency(cfg: TileConfig, programs: int, dev: Device, eff: Efficiency, *, mufu_per_logit: float,
-                    fp32_per_logit: float, hdim: int, logits_per_tile: int = 1) -> tuple[float, dict]:
+                    fp32_per_logit: float, hdim: int, logits_per_tile: int = 1,
+                    row_reductions: int = 0) -> tuple[float, dict]:
     """Compute efficiency of a Triton kernel whose programs each run `logits_per_tile` [BT, BV] x H wgmma
-    mainloops per vocab tile followed by the per-logit elementwise work; see the module docstring."""
+    mainloops per vocab tile followed by the per-logit elementwise work and `row_reductions` tl.sum / tl.max
+    over columns (per column block: divergence_triton's SUMS_PARTS blocks x row sums); see the module
+    docstring."""
     threads = 32 * cfg.num_warps
     ctas = max(1, min(REGS_PER_SM // (cfg.registers * threads), SHARED_PER_SM // max(1, cfg.shared_bytes)))
     slots = dev.sms * ctas
@@ -110,6 +114,9 @@ def tile_efficiency(cfg: TileConfig, programs: int, dev: Device, eff: Efficiency
     elems = cfg.block_t * cfg.block_v
     main_clk = logits_per_tile * 2 * elems * hdim / TENSOR_FLOP_PER_CLK_SM * ctas  # ctas share the SM's cores
     epi_clk = elems * (mufu_per_logit / MUFU_PER_CLK_SM + fp32_per_logit / FP32_PER_CLK_SM)
+    # a row reduction over the wgmma layout: each thread holds 2 rows, each reduced over the 4 lanes of its
+    # quad in 2 butterfly shuffles -> 4 shuffle instructions per warp, at SHFL_PER_CLK_SM warp instructions
+    epi_clk += row_reductions * cfg.num_warps * 4 / SHFL_PER_CLK_SM
     main_share = main_clk / (main_clk + epi_clk)
     # per k16 step: each m64nN wgmma instruction reads its A rows (64 x 16) and B columns (N x 16) from shared
     # memory; (BT / 64) x (BV / N) instructions cover the tile
@@ -161,7 +168,7 @@ def recompute_model(T, H, V, kind, dev: Device, eff: Efficiency, cfg: TileConfig
     with the grouped order a launch group's GROUP_T hidden-state tile pairs stay in L2 while it runs, so W
     is read once per group and the hidden states once; when they do not fit in half the L2, every program
     re-reads them per vocab tile."""
-    from .divergence_triton import GROUP_T, vocab_splits
+    from .divergence_triton import GROUP_T, NSUM, SUMS_PARTS, vocab_splits
     work = _kind_work(kind)
     n_tb = math.ceil(T / cfg.block_t)
     n_vt = math.ceil(V / cfg.block_v)
@@ -176,9 +183,11 @@ def recompute_model(T, H, V, kind, dev: Device, eff: Efficiency, cfg: TileConfig
     else:
         walk_bytes = groups * V * H * dtype_bytes + n_vt * hs_bytes
     progs = n_tb * splits
-    for name, key in (("stats", "stats"), ("sums (div, clipped loss, S)", "sums")):
+    # row reductions per vocab tile: stats max + sum-exp of a and b; sums NSUM row sums (the per-entry clip's
+    # count) in each of SUMS_PARTS column blocks
+    for name, key, red in (("stats", "stats", 4), ("sums (div, clipped loss, S)", "sums", NSUM * SUMS_PARTS.value)):
         e, d = tile_efficiency(cfg, progs, dev, eff, mufu_per_logit=work[key][0], fp32_per_logit=work[key][1],
-                               hdim=H, logits_per_tile=2)
+                               hdim=H, logits_per_tile=2, row_reductions=red)
         m.passes.append(Pass(f"{name} (grid {n_tb}x{splits}, wave {d['wave']:.2f})", 2 * 2 * T * H * V,
                              walk_bytes, e))
     chunks = math.ceil(T / chunk_tokens)
