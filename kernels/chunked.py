@@ -12,10 +12,10 @@ Divergence, forward (gradients are computed here; backward only scales them by g
                logit difference first: forward KL sum p r - q expm1(r), reverse KL sum q (s + expm1(-s)),
                s = -r (every entry's part >= 0 up to rounding; the log-normalizers' rounding cancels to first
                order); JSD with y = log(q/M) = -log1p(beta expm1(r)), x = log(p/M) = r + y: (sum p x,
-               sum q y) -> all_gather + fixed-order sum   (collective 2)
-             token_clip, clip_mode="entry" (default): one more local pass over the normalized log-probs: the
-               terms d_v, U = {d_v <= c}, (sum_v min(d_v, c), S_U = sum_{v in U} g_v, #clipped, clipped mass)
-               -> all_gather [TP, T_c, 4] -> fixed-order sum                                  (collective 3)
+               sum q y); token_clip, clip_mode="entry" (default), in the same pass: the terms d_v,
+               U = {d_v <= c}, (sum_v min(d_v, c), S_U = sum_{v in U} g_v, #clipped, clipped mass), the
+               clipped entries located by row maxima (few rows hold any)
+               -> all_gather [TP, T_c, 2 (+4)] -> fixed-order sum          (collective 2)
              dZ = coef_t * dLoss_t/da  (coef = loss_weight / tau; entry clip: g [U] - q S_U with
                g_v = q_v dd_v/dq_v; position clip: coef 0 on positions with div > c)
              dH_s[chunk] = dZ W,  dW += dZ^T H_s               (2 GEMMs, fp32 accumulation)
@@ -58,6 +58,21 @@ def _rowdot(x, y, scratch):
     return torch.mul(x, y, out=scratch[:x.shape[0]]).sum(1)
 
 
+def _clip_entries(d, clip):
+    """d [n, nv] per-entry terms, clamped to <= clip in place. Returns (sum_v min(d_v, clip) [n], (rows, cols)
+    of the entries above the clip). Few entries exceed it, so only the rows whose largest term does are
+    searched (a full-block comparison mask costs more than the whole clip otherwise)."""
+    hit_rows = (d.amax(1) > clip).nonzero()[:, 0]
+    rows, cols = (d[hit_rows] > clip).nonzero(as_tuple=True)
+    hit = (hit_rows[rows], cols)
+    return d.clamp_(max=clip).sum(1), hit
+
+
+def _row_sums(num_rows, rows, values):
+    """Per-row sums of scattered values: out[i] = sum of values[k] with rows[k] == i."""
+    return values.new_zeros(num_rows).index_add_(0, rows, values)
+
+
 def _run_stages(stages, num_rows, block_rows, single_rank):
     """stages: [(is_collective, fn(rows: slice))]. One rank: every row block runs all stages back to back, so
     its logit rows stay in cache between passes. Tensor parallel: a collective needs the whole chunk, so
@@ -80,7 +95,8 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
 
     Per chunk, with A = a - max_a, X = exp(A), B = b - max_b, Y = exp(B) (so q = X u_a, p = Y u_b with the
     per-row u = exp(max - lse)), every buffer is preallocated and reused in place: 2 exp + 1 expm1 (JSD: + 1
-    log1p) per logit, no [T_c, V] temporaries (the per-entry clip pass uses a few row-block temporaries). After
+    log1p) per logit, no [T_c, V] temporaries and no [T_c, V] boolean masks (the per-entry clip locates its
+    few clipped entries as indices; masked and mixed-dtype ops cost several times a float pass). After
     the sums pass B holds r = log p - log q (forward KL) or x = log p/M (JSD), A holds s = log q - log p
     (reverse KL) or y = log q/M (JSD). Row scales of the logit gradient are applied to the [T_c, H] GEMM
     operands instead of the [T_c, V] buffer."""
@@ -106,8 +122,9 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
     scratch2 = torch.empty(rb, nv, dtype=torch.float32, device=dev)
     st = torch.zeros(15, tc, dtype=torch.float32, device=dev)  # per-row statistics of the current chunk
     ma, sa, mb, sb, e, lse_a, lse_b, div, d1, klqm, rscale, closs, su, cnt, mss = st
-    jl = st.new_zeros(tc, 2)  # local (KL(p||M), KL(q||M)) pieces (JSD) or (divergence, 0), summed over ranks
-    cs = st.new_zeros(tc, 4)  # entry clip: local (sum_v min(d_v, c), S_U, #clipped, clipped mass)
+    # local (KL(p||M), KL(q||M)) pieces (JSD) or (divergence, 0), then with the per-entry clip
+    # (sum_v min(d_v, c), S_U, #clipped, clipped mass); summed over ranks in one combine
+    jl = st.new_zeros(tc, 6 if entry else 2)
     single = tp.tp_size(group) == 1
     for c0 in range(0, num_t, tc):
         c1 = min(num_t, c0 + tc)
@@ -137,9 +154,14 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
             lse = torch.logsumexp(tp.gather_stats(torch.stack([la, lb], 1), group), 0)  # fixed rank order
             lse_a[r], lse_b[r] = lse.unbind(1)
 
-        def div_sums(r):
+        def sums(r):
             """Per-token sums with no cancellation against the log-normalizers (their rounding cancels to first
-            order between the two parts of each entry); r = (B - A) + (max_b - lse_b) - (max_a - lse_a)."""
+            order between the two parts of each entry); r = (B - A) + (max_b - lse_b) - (max_a - lse_a).
+            Per-entry clip: the terms d_v and U = {v: d_v <= c} (_clip_entries), then the local
+            (sum_v min(d_v, c), S_U = sum_{v in U} g_v, #clipped, clipped mass) for the same combine. The logit
+            gradient is g_j [j in U] - q_j S_U with g_v = q_v dd_v/dq_v (forward KL -p_v, reverse KL
+            q_v (log q_v/p_v + 1), JSD (1-beta) q_v log(q_v/M_v)); g [U] is left in the buffer the grad stage
+            reads (Y holds p [U] for forward KL; A is set to the value that makes g 0 off U otherwise)."""
             if nv == 0:
                 jl[r] = 0.0
                 return
@@ -149,87 +171,75 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
             t = scratch2[:rows]
             if kind == "forward_kl":  # sum_v p r - (p - q) = sum p r - q expm1(r); B becomes r
                 rr = B[r].sub_(A[r]).add_(shift)
-                jl[r, 0] = ub * _rowdot(Y[r], rr, scratch) - ua * _rowdot(X[r], torch.expm1(rr, out=t), scratch)
+                qm = ua * _rowdot(X[r], torch.expm1(rr, out=t), scratch)
+                if not entry:
+                    jl[r, 0] = ub * _rowdot(Y[r], rr, scratch) - qm
+                    return
+                d = torch.mul(Y[r], ub[:, None], out=t).mul_(rr)  # p r
+                jl[r, 0] = d.sum(1) - qm
+                jl[r, 2], hit = _clip_entries(d, clip)
+                Yr = Y[r]  # p [U] = ub Y [U]
+                jl[r, 5] = _row_sums(rows, hit[0], ub[hit[0]] * Yr[hit])
+                Yr[hit] = 0.0
+                jl[r, 3] = -ub * Yr.sum(1)
             elif kind == "reverse_kl":  # sum_v q s + (p - q) = sum q (s + expm1(-s)), s = -r; A becomes s
                 sr = A[r].sub_(B[r]).sub_(shift)
                 jl[r, 0] = ua * _rowdot(X[r], torch.neg(sr, out=t).expm1_().add_(sr), scratch)
+                if not entry:
+                    return
+                jl[r, 2], hit = _clip_entries(torch.mul(X[r], ua[:, None], out=t).mul_(sr), clip)  # d = q s
+                Ar, Xr = A[r], X[r]
+                jl[r, 5] = _row_sums(rows, hit[0], ua[hit[0]] * Xr[hit])
+                Ar[hit] = -1.0  # g = q (s + 1) = 0 off U
+                jl[r, 3] = ua * torch.add(Ar, 1.0, out=t).mul_(Xr).sum(1)
             else:  # y = log q/M = -log1p(beta expm1(r)) into A, x = log p/M = r + y into B
                 rr = B[r].sub_(A[r]).add_(shift)
                 torch.neg(torch.expm1(rr, out=t).mul_(beta).log1p_(), out=A[r])
                 rr.add_(A[r])
                 jl[r, 0] = ub * _rowdot(Y[r], rr, scratch)  # KL(p||M) part
                 jl[r, 1] = ua * _rowdot(X[r], A[r], scratch)  # KL(q||M) part
+                if not entry:
+                    return
+                d = torch.mul(Y[r], beta * ub[:, None], out=t).mul_(rr)  # beta p x + (1 - beta) q y
+                d.addcmul_(torch.mul(X[r], (1.0 - beta) * ua[:, None], out=scratch[:rows]), A[r])
+                jl[r, 2], hit = _clip_entries(d, clip)
+                Ar, Xr, Yr = A[r], X[r], Y[r]
+                jl[r, 5] = _row_sums(rows, hit[0], beta * ub[hit[0]] * Yr[hit] + (1.0 - beta) * ua[hit[0]] * Xr[hit])
+                Ar[hit] = 0.0  # g = (1 - beta) q y = 0 off U
+                jl[r, 3] = (1.0 - beta) * ua * _rowdot(Xr, Ar, scratch)
+            if entry:
+                jl[r, 4] = hit[0].bincount(minlength=rows).float()
 
-        def div_combine(r):
+        def sums_combine(r):
             s = jl[r] if single else tp.gather_stats(jl[r], group).sum(0)  # fixed rank order
             if kind == "jsd":
                 div[r] = beta * s[:, 0] + (1 - beta) * s[:, 1]  # JSD = beta KL(p||M) + (1-beta) KL(q||M)
                 klqm[r] = s[:, 1]
             else:
                 div[r] = s[:, 0]
-
-        def clip_sums(r):
-            """Per-entry clip: terms d_v from the normalized log-probs, U = {v: d_v <= c}. The logit gradient
-            is g_j [j in U] - q_j S_U with g_v = q_v dd_v/dq_v (forward KL -p_v, reverse KL
-            q_v (log q_v/p_v + 1), JSD (1-beta) q_v log(q_v/M_v)) and S_U = sum_{v in U} g_v; g [U] is kept
-            in the buffer G (Y for forward KL, A otherwise) for the gradient stage."""
-            if nv == 0:
-                cs[r] = 0.0
-                return
-            ua, ub = torch.exp(ma[r] - lse_a[r])[:, None], torch.exp(mb[r] - lse_b[r])[:, None]
-            if kind == "forward_kl":  # B = log p - log q
-                prob = Y[r] * ub
-                d = B[r] * prob
-                keep = d <= clip
-                g = torch.mul(prob, keep, out=Y[r]).neg_()
-            elif kind == "reverse_kl":  # A = log q - log p
-                prob = X[r] * ua
-                lr = A[r].clone()
-                d = prob * lr
-                keep = d <= clip
-                g = torch.mul(lr.add_(1.0).mul_(prob), keep, out=A[r])
-            else:  # A = log q/M, B = log p/M
-                q, p = X[r] * ua, Y[r] * ub
-                lqm = A[r].clone()
-                lpm = B[r].clone()
-                gq = lqm.mul_(q).mul_(1.0 - beta)  # (1 - beta) q log(q/M)
-                d = lpm.mul_(p).mul_(beta).add_(gq)
-                prob = p.mul_(beta).add_(q, alpha=1.0 - beta)  # M
-                keep = d <= clip
-                g = torch.mul(gq, keep, out=A[r])
-            cs[r, 0] = d.clamp_(max=clip).sum(1)
-            cs[r, 1] = g.sum(1)
-            cs[r, 2] = (~keep).sum(1)
-            cs[r, 3] = prob.masked_fill_(keep, 0.0).sum(1)
-
-        def clip_combine(r):
-            tot = cs[r] if single else tp.gather_stats(cs[r], group).sum(0)  # fixed rank order
-            closs[r], su[r], cnt[r], mss[r] = tot.unbind(1)
+            if entry:
+                closs[r], su[r], cnt[r], mss[r] = s[:, 2:].unbind(1)
 
         def grad(r):
             cf = coef[r] if clip is None or entry else coef[r] * (div[r] <= clip)  # position clip: no gradient
             if nv == 0:
                 return
             ua = torch.exp(ma[r] - lse_a[r])
-            if entry:  # dz = coef (g [U] - q S_U), written into X
-                G = Y[r] if kind == "forward_kl" else A[r]
-                X[r].mul_((-cf * ua * su[r])[:, None]).addcmul_(G, cf[:, None])
-                return
-            if kind == "forward_kl":  # dz = coef (q - p), written into X
+            if kind == "forward_kl":  # dz = coef (q - p); entry clip: coef (q S_U - p [U]) with Y = exp(B) [U]
                 ub = torch.exp(mb[r] - lse_b[r])
-                X[r].mul_((cf * ua)[:, None]).addcmul_(Y[r], (-cf * ub)[:, None])
+                X[r].mul_((cf * ua * (-su[r] if entry else 1.0))[:, None]).addcmul_(Y[r], (-cf * ub)[:, None])
                 return
-            if kind == "reverse_kl":  # coef q (log q - log p - KL(q||p)); A = log q - log p
-                c = -div[r]
-                rscale[r] = cf * ua
-            else:  # (1 - beta) coef q (log q - log M - KL(q||M)); A = log q/M
-                c = -klqm[r]
-                rscale[r] = (1 - beta) * cf * ua
-            A[r].add_(c[:, None]).mul_(X[r])
+            rscale[r] = cf * ua  # dz = rscale * X * A (A written here)
+            if kind == "reverse_kl":  # coef q (s - KL(q||p)); entry clip: coef q ((s + 1) [U] - S_U)
+                c = (1.0 - su[r]) if entry else -div[r]
+                A[r].add_(c[:, None]).mul_(X[r])
+            elif entry:  # coef q ((1 - beta) y [U] - S_U)
+                A[r].mul_(1.0 - beta).sub_(su[r][:, None]).mul_(X[r])
+            else:  # (1 - beta) coef q (log q - log M - KL(q||M)); A = y = log q/M
+                rscale[r] *= 1.0 - beta
+                A[r].sub_(klqm[r][:, None]).mul_(X[r])
 
-        stages = [(False, stats), (True, combine), (False, div_sums), (True, div_combine)]
-        if entry:
-            stages += [(False, clip_sums), (True, clip_combine)]
+        stages = [(False, stats), (True, combine), (False, sums), (True, sums_combine)]
         if need_grad:
             stages.append((False, grad))
         _run_stages(stages, n, rb, single)
@@ -239,7 +249,7 @@ def _divergence_fwd_bwd(hs, ht, w, tw, *, kind, beta, tau, clip, clip_mode, voca
             clip_stats[c0:c1, 0], clip_stats[c0:c1, 1] = cnt[:n], mss[:n]
         if not need_grad:
             continue
-        if kind == "forward_kl" or entry:
+        if kind == "forward_kl":
             dz, s = X, None
         else:
             dz, s = A, rscale[:n, None]
