@@ -35,10 +35,9 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from . import divergence_store as ds
 from . import divergence_triton as dt
 from . import logprobs_triton as lt
-from .triton_common import GRAD_CONFIGS, STATS_CONFIGS
+from .triton_common import GRAD_CONFIGS, SHARED_LIMIT, STATS_CONFIGS, pair_configs
 
 HOPPER = GPUTarget("cuda", 90, 32)
-SHARED_LIMIT = 227 * 1024
 MIN_WGMMA_N = 128
 HEADLINE = dict(T=16384, H=4096, V=151936)
 
@@ -81,24 +80,29 @@ def _store_args(kernel, T, H, V):
     raise ValueError(kernel)
 
 # recompute-mode variants whose first config the default test run skips (the JSD ones with the per-entry clip,
-# the most live registers, run by default; every variant runs in the slow tests and `python -m copsd_kernels.aot`)
+# the most live registers, run by default with the teacher sharing the head; every variant runs in the slow tests
+# and `python -m copsd_kernels.aot`)
 SLOW_VARIANTS = {"div_sums[KIND=0,CLIP=False]", "div_sums[KIND=1,CLIP=False]", "div_sums[KIND=0,CLIP=True]",
                  "div_sums[KIND=1,CLIP=True]", "div_grad[KIND=0,CLIP=True]", "div_grad[KIND=1,CLIP=True]",
-                 "div_grad[KIND=1,CLIP=False]", "div_stats[SHARED_W=False]"}
+                 "div_grad[KIND=1,CLIP=False]", "div_stats[SHARED_W=False]"} | {
+    f"div_{p}[KIND={k},CLIP={c},SHARED_W=False]" for p in ("sums", "grad") for k in (0, 1, 2) for c in (False, True)}
+
+
 def _tile(c):
     return {k: v for k, v in c.items() if k.startswith("BLOCK")}
 
 
 # (name, kernel, configs, extra constexprs, launch-args builder, GEMM-like)
+# the pair kernels with a separate teacher head (SHARED_W=False) launch with pair_configs(..., False) only
 VARIANTS = (
-    [(f"div_stats[SHARED_W={s}]", dt._div_stats_kernel, STATS_CONFIGS, {"SHARED_W": s, "GROUP": dt.GROUP_T},
-      _recompute_args, True) for s in (True, False)]
-    + [(f"div_sums[KIND={k},CLIP={c}]", dt._div_sums_kernel, STATS_CONFIGS,
-        {"KIND": k, "CLIP_ENTRY": c, "SHARED_W": True, "GROUP": dt.GROUP_T}, _recompute_args, True)
-       for k in (0, 1, 2) for c in (False, True)]
-    + [(f"div_grad[KIND={k},CLIP={c}]", dt._div_grad_kernel, GRAD_CONFIGS,
-        {"KIND": k, "CLIP_ENTRY": c, "SHARED_W": True, "GROUP": dt.GROUP_T}, _recompute_args, True)
-       for k in (0, 1, 2) for c in (False, True)]
+    [(f"div_stats[SHARED_W={s}]", dt._div_stats_kernel, pair_configs(STATS_CONFIGS, s),
+      {"SHARED_W": s, "GROUP": dt.GROUP_T}, _recompute_args, True) for s in (True, False)]
+    + [(f"div_sums[KIND={k},CLIP={c}{'' if s else ',SHARED_W=False'}]", dt._div_sums_kernel,
+        pair_configs(STATS_CONFIGS, s), {"KIND": k, "CLIP_ENTRY": c, "SHARED_W": s, "GROUP": dt.GROUP_T},
+        _recompute_args, True) for s in (True, False) for k in (0, 1, 2) for c in (False, True)]
+    + [(f"div_grad[KIND={k},CLIP={c}{'' if s else ',SHARED_W=False'}]", dt._div_grad_kernel,
+        pair_configs(GRAD_CONFIGS, s), {"KIND": k, "CLIP_ENTRY": c, "SHARED_W": s, "GROUP": dt.GROUP_T},
+        _recompute_args, True) for s in (True, False) for k in (0, 1, 2) for c in (False, True)]
     + [("lp_stats", lt._lp_stats_kernel, STATS_CONFIGS, {}, _recompute_args, True),
        ("lp_grad", lt._lp_grad_kernel, GRAD_CONFIGS, {}, _recompute_args, True)]
     + [("row_lse", ds._row_lse_kernel, ds.ROW_CONFIGS, {}, _store_args, False)]

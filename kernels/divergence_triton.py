@@ -293,9 +293,9 @@ def _div_grad_kernel(HS_ptr, HT_ptr, W_ptr, WT_ptr, TOK_ptr, DZ_ptr, T, NV, H, s
                        KIND, CLIP_ENTRY, BLOCK_V // GRAD_PARTS)
 
 
-_stats_tuned = autotuned(_div_stats_kernel, STATS_CONFIGS, key=["NV", "H", "SHARED_W"])
-_sums_tuned = autotuned(_div_sums_kernel, STATS_CONFIGS, key=["NV", "H", "KIND", "CLIP_ENTRY", "SHARED_W"])
-_grad_tuned = autotuned(_div_grad_kernel, GRAD_CONFIGS, key=["NV", "H", "KIND", "CLIP_ENTRY", "SHARED_W"])
+_stats_tuned = autotuned(_div_stats_kernel, STATS_CONFIGS, key=["NV", "H", "SHARED_W"], pair=True)
+_sums_tuned = autotuned(_div_sums_kernel, STATS_CONFIGS, key=["NV", "H", "KIND", "CLIP_ENTRY", "SHARED_W"], pair=True)
+_grad_tuned = autotuned(_div_grad_kernel, GRAD_CONFIGS, key=["NV", "H", "KIND", "CLIP_ENTRY", "SHARED_W"], pair=True)
 
 
 def _interpret_tiles(nv):

@@ -29,6 +29,29 @@ GRAD_CONFIGS = [
     dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
     dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=4),
 ]
+SHARED_LIMIT = 227 * 1024  # sm_90: opt-in shared memory per thread block
+
+
+def pair_shared_bytes(cfg: dict, shared_w: bool) -> int:
+    """Shared memory of pair_logits_tile's pipelined loop over H: num_stages x one step's bf16 operand tiles
+    (student and teacher [BLOCK_T, BLOCK_H], one weight [BLOCK_V, BLOCK_H], two with a separate teacher head).
+    kernels/aot.py checks the compiled value against the limit (equal for the shipped configs)."""
+    tiles = 2 * cfg["BLOCK_T"] + (1 if shared_w else 2) * cfg["BLOCK_V"]
+    return cfg["num_stages"] * tiles * cfg["BLOCK_H"] * 2
+
+
+def pair_configs(configs, shared_w: bool) -> list:
+    """The configs a pair kernel launches with: those whose pipeline fits in shared memory (with a separate
+    teacher head 4 stages of 128x128x64 would need 256 KB, so only the 3-stage config remains)."""
+    return [c for c in configs if pair_shared_bytes(c, shared_w) <= SHARED_LIMIT]
+
+
+def _prune_pair(configs, named_args, **kwargs):
+    shared_w = bool(kwargs.get("SHARED_W", True))
+    return [c for c in configs
+            if pair_shared_bytes(dict(c.kwargs, num_stages=c.num_stages), shared_w) <= SHARED_LIMIT]
+
+
 # UPCAST_DOT: triton 3.9's interpreter computes tl.dot on bf16 operands from their raw bits (garbage), so
 # under the interpreter the tiles are cast to fp32 before tl.dot; compiled kernels keep bf16 operands (wgmma).
 INTERPRET_CONFIG = dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16, UPCAST_DOT=True, num_warps=1, num_stages=1)
@@ -98,13 +121,14 @@ def grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
     return first + local % size, local // size
 
 
-def autotuned(fn, configs, key):
-    """The GPU entry point: `fn` autotuned over `configs` (the interpreter uses `fn` with one config)."""
+def autotuned(fn, configs, key, pair=False):
+    """The GPU entry point: `fn` autotuned over `configs` (the interpreter uses `fn` with one config); `pair`:
+    a pair_logits_tile kernel, its configs pruned per launch to pair_configs(configs, SHARED_W)."""
     return triton.autotune(
         configs=[triton.Config({**{k: v for k, v in c.items() if k.startswith("BLOCK")}, "UPCAST_DOT": False},
                                num_warps=c["num_warps"],
                                num_stages=c["num_stages"]) for c in configs],
-        key=key)(fn)
+        key=key, prune_configs_by={"early_config_prune": _prune_pair} if pair else None)(fn)
 
 
 def launch(fn, tuned, grid_fn, *args, interpret_overrides=None, **constexprs):

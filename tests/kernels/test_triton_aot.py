@@ -35,8 +35,28 @@ def test_shipped_config_compiles_for_hopper(variant, cfg):
     assert r.divisible_args > pointers, "the launch specialization (tt.divisibility=16) was not applied"
     if gemm:
         assert r.min_wgmma_n >= aot.MIN_WGMMA_N
+    if "SHARED_W" in extra:  # the autotuner's shared-memory pruning counts what triton allocates
+        from copsd_kernels.triton_common import pair_shared_bytes
+        assert r.shared_bytes == pair_shared_bytes(cfg, extra["SHARED_W"])
     if not gemm or "grad" in name:  # kernels that address [T_c, V_local] buffers (can exceed 2^31 elements)
         assert r.int64_offsets, "row offsets are not computed in 64-bit"
+
+
+def test_separate_teacher_head_launches_only_configs_that_fit_shared_memory():
+    """With a separate teacher head (SHARED_W=False) a pipeline stage holds 4 bf16 tiles: the 4-stage config
+    would need 256 KB (> 227 KB). The autotuners prune it at launch, and the AOT variants compile exactly the
+    configs that remain."""
+    from copsd_kernels import divergence_triton as dt
+    from copsd_kernels import triton_common as tc
+    assert tc.pair_shared_bytes(tc.STATS_CONFIGS[1], False) == 256 * 1024 > tc.SHARED_LIMIT
+    for tuned in (dt._stats_tuned, dt._sums_tuned, dt._grad_tuned):
+        assert tuned.early_config_prune is tc._prune_pair  # what Autotuner.prune_configs calls with the launch kwargs
+        assert [c.num_stages for c in tc._prune_pair(tuned.configs, {}, SHARED_W=False)] == [3]
+        assert [c.num_stages for c in tc._prune_pair(tuned.configs, {}, SHARED_W=True)] == [3, 4]
+    configs = {v[0]: v[2] for v in aot.VARIANTS}
+    assert [c["num_stages"] for c in configs["div_stats[SHARED_W=False]"]] == [3]
+    assert [c["num_stages"] for c in configs["div_grad[KIND=2,CLIP=True,SHARED_W=False]"]] == [3]
+    assert [c["num_stages"] for c in configs["div_sums[KIND=2,CLIP=True]"]] == [3, 4]
 
 
 def test_specialization_follows_the_launch_arguments():
