@@ -30,7 +30,9 @@ RECIPE_NOTES = (
     "Trainer: at lr 3e-4 with rollout temperature 1.0 every method lost target-language accuracy in 16 "
     "steps (COPSD 0.42/0.48 -> 0.31/0.33, GRPO -> 0.27/0.13; sampled-token KL rose to 0.69/0.77); at lr 1e-4 "
     "with temperature 0.7 COPSD rose to 0.52/0.69 and GRPO to 0.42/0.56 (those runs used loss temperature "
-    "1.0; the loss temperature now follows the rollout temperature). Not tuned per method beyond that.",
+    "1.0; the loss temperature now follows the rollout temperature). Without `--tune` every method runs at "
+    "the mode's lr (1e-4) and its own default knob; with it, each method's lr and main knob are chosen on "
+    "the dev split (the tuning table, when present).",
     "COPSD token clip, chosen on the dev split (quick budget, lr 1e-4, 128 dev problems per target language, "
     "greedy): without the clip 0.477 / 0.496 (seeds 0 / 1), with the reference's per-entry clip 0.05 0.141 / "
     "0.195. With the clip the clipped loss went negative and the unclipped divergence to the teacher rose "
