@@ -187,6 +187,12 @@ def ptxas_usage(ptx: str, kernel_name: str) -> tuple[int | None, int | None]:
             int(spills.group(1)) + int(spills.group(2)) if spills else None)
 
 
+def tile_converts(ttgir: str) -> int:
+    """ttg.convert_layout ops whose source is a 2-D fp32 tensor (a logits tile moved between layouts, i.e.
+    through shared memory); row vectors and the bf16 dZ tiles converted for coalesced stores do not count."""
+    return len(re.findall(r"ttg\.convert_layout [^\n]*: tensor<\d+x\d+xf32", ttgir))
+
+
 def compile_variant(name, fn, config, extra, make_args, gemm, shape=None) -> AotResult:
     shape = shape or HEADLINE
     constexprs = dict(_tile(config), **extra)
@@ -203,7 +209,7 @@ def compile_variant(name, fn, config, extra, make_args, gemm, shape=None) -> Aot
                      int(config["num_stages"]), shapes, regs, spills,
                      bool(re.search(r"arith\.muli [^\n]*(: i64|xi64>)", ttir)), gemm,
                      sum(1 for v in src.attrs.values() if ["tt.divisibility", 16] in v),
-                     len(re.findall(r"ttg\.convert_layout [^\n]*: tensor<\d+x\d+xf32", compiled.asm["ttgir"])))
+                     tile_converts(compiled.asm["ttgir"]))
 
 
 def compile_all() -> list[AotResult]:

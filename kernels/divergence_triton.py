@@ -48,10 +48,13 @@ CHUNK_TOKENS = 4096  # dZ chunk: 4096 x V_local in bf16; >= 2048 keeps the dW GE
 GROUP_T = 8  # token tiles per launch group (grouped_tile)
 SPLIT_SMS = 132  # H100 SXM SMs: the statistics grid aims at 2 programs per SM
 MIN_SPLIT_COLS = 16 * 128  # a split walks at least 16 vocab tiles (its partial statistics cost ~nothing)
-# The per-entry epilogue runs on column blocks of the [128, 128] logits tiles, each in its own basic block (an
-# `if` on the block's first column), so that LLVM and ptxas schedule one block's exp/log temporaries at a time
-# instead of interleaving the whole tile's (kernels/aot.py: without it 5 variants spilled 424-3436 B at 255
-# registers; with 8 / 4 blocks every variant is spill-free, docs in _col_parts).
+# The per-entry epilogue of the sums and grad kernels runs on column blocks of the [128, 128] logits tiles, each
+# in its own basic block (an `if` on the block's first column, which also skips blocks past the split's end), so
+# that LLVM and ptxas schedule one block's exp/log temporaries at a time instead of interleaving the whole
+# tile's (LLVM hoisted every entry's series polynomial above the first exp). ptxas sm_90a, 128x128x64 w8: one
+# tile at a time spilled 424-3436 B at 255 registers in 5 variants; 4 blocks without the basic-block
+# boundaries still spilled 320 B (reverse KL + clip); with them every variant is spill-free, 8 blocks in the
+# sums kernel leave 13-24 registers of headroom (kernels/aot.py prints the table).
 SUMS_PARTS = tl.constexpr(8)
 GRAD_PARTS = tl.constexpr(4)
 NSUM = 5  # per-token sums: div, clipped loss, S, n_clipped, mass_clipped
@@ -85,7 +88,8 @@ def _jsd_logs(r, beta):
     a Bernoulli(beta), log(1 - beta + beta e^r). |r| < 0.35: its Taylor series to r^8 (cumulants from beta;
     truncation < 1e-8 relative), no cancellation near r = 0; else -log(beta e^r + 1 - beta) with one exp of
     -|r| (no overflow). Polynomial instead of the store's Kahan expm1 / log1p: fewer live registers in the
-    128 x 128 epilogue (ptxas: 2.3 KB instead of 9.8 KB of spills in the JSD sums kernel)."""
+    128 x 128 epilogue (before the column blocks, ptxas gave 2.3 KB instead of 9.8 KB of spills in the JSD
+    sums kernel; now 0 at 234 registers)."""
     c = 1.0 - beta
     u = beta * c
     w = 1.0 - 2.0 * beta
@@ -167,7 +171,7 @@ def _part_sums(a, b, p0, hi, lse_a, dlse, inv_tau, clip, beta, KIND: tl.constexp
         ssum = tl.sum(tl.where(valid & (d <= clip), s, 0.0), 1)
         n = tl.sum(tl.where(cut, 1.0, 0.0), 1)
         m = tl.sum(tl.where(cut, mass, 0.0), 1)
-    else:
+    else:  # loss, n, m unused by the caller without the per-entry clip
         loss = div
         ssum = tl.sum(tl.where(valid, s, 0.0), 1)
         n = div

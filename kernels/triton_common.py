@@ -17,8 +17,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Checked with kernels/aot.py on sm_90a, compiled with the launch's own divisibility-16 specialization: every
 # config must use wgmma with N >= 128, fit shared memory and not spill. 128x128x64 tiles with 8 warps (two
-# warpgroups, m64n128k16 each) hold two fp32 [128, 128] logits accumulators in the statistics kernels at
-# 255 registers / 0 spills; 64-row tiles compile to m64n64 (half the N, more shared-memory traffic per FLOP).
+# warpgroups, m64n128k16 each) hold two fp32 [128, 128] logits accumulators (128 registers per thread) in the
+# recompute kernels at 196-246 registers / 0 spills (the sums / grad epilogues on column blocks,
+# divergence_triton.SUMS_PARTS); 64-row tiles compile to m64n64 (half the N, more shared-memory traffic per FLOP).
 # Kernels that stream the vocabulary for one token block (statistics passes): grid = (cdiv(T, BLOCK_T),).
 STATS_CONFIGS = [
     dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),

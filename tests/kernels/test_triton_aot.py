@@ -59,6 +59,16 @@ def test_separate_teacher_head_launches_only_configs_that_fit_shared_memory():
     assert [c["num_stages"] for c in configs["div_sums[KIND=2,CLIP=True]"]] == [3, 4]
 
 
+def test_tile_convert_rule_counts_fp32_tile_conversions_only():
+    """The `cvt` rule (aot.tile_converts) on TTGIR lines: an fp32 [128, 32] tile converted from the wgmma-derived
+    linear layout counts; the row-sum vectors and the bf16 dZ store conversions do not."""
+    tile = "%5 = ttg.convert_layout %4 : tensor<128x32xf32, #linear> -> tensor<128x32xf32, #blocked1> loc(#l)"
+    row = "%6 = ttg.convert_layout %3 : tensor<128xf32, #ttg.slice<{dim = 1, parent = #linear}>> -> tensor<128xf32, #b>"
+    dz = "%25 = ttg.convert_layout %24 : tensor<128x32xbf16, #linear> -> tensor<128x32xbf16, #blocked1>"
+    assert aot.tile_converts("\n".join([tile, row, dz, tile])) == 2
+    assert aot.tile_converts("\n".join([row, dz])) == 0
+
+
 def test_specialization_follows_the_launch_arguments():
     """The attrs come from the actual arguments, as at launch: an odd token count or row stride is not
     marked divisible by 16, the multiples of 16 and the (aligned) pointers are."""
