@@ -1,6 +1,8 @@
 """Slow: the chunked CPU path at the issue's shape (T=4096, H=256, V=32768, JSD beta=0.5, fwd+bwd, fp32)
-uses under 1/10 of the naive path's peak extra memory and is not slower (each measured in its own process
-by the benchmark's worker, peak RSS minus RSS after building the inputs)."""
+uses under 1/20 of the naive path's peak extra memory (issue 14; measured 0.34 vs 7.5 GB) and is not slower
+(each measured in its own process by the benchmark's worker, peak RSS minus RSS after building the inputs).
+The speed target against the 4-GEMM floor (<= 1.15x) is a benchmark, not a test: on this shared machine one
+run's ratio moves by +-10% (`copsd bench-kernels --impls chunked,floor --rounds 3`, README)."""
 import json
 import subprocess
 import sys
@@ -22,6 +24,6 @@ def _measure(impl):
 def test_chunked_memory_and_time_vs_naive():
     naive, chunked = _measure("naive"), _measure("chunked")
     print(f"naive {naive}\nchunked {chunked}")
-    assert chunked["peak_mem_gb"] < naive["peak_mem_gb"] / 10
+    assert chunked["peak_mem_gb"] < naive["peak_mem_gb"] / 20
     # CPU seconds, not wall time: the machine may be shared; 10% slack for noise
     assert chunked["cpu_s"] <= 1.1 * naive["cpu_s"]
