@@ -193,9 +193,14 @@ def test_junk_jsonl_rows_raise_dataerror_or_load_every_row(tmp_path, name, lines
     assert len(ex) == num_rows - dropped_by_filter  # no silent drop
 
 
+# No surrogates (category Cs): they cannot be written as UTF-8 at all, so they are no test of the loader
+# (one CI run drew '\ud800' and failed in write_text).
+_tsv_char = st.characters(blacklist_categories=("Cs",),
+                          blacklist_characters="\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(st.lists(st.text(alphabet=st.characters(blacklist_characters="\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
-                                      max_size=8), min_size=0, max_size=3), min_size=1, max_size=5))
+@given(rows=st.lists(st.lists(st.text(alphabet=_tsv_char, max_size=8), min_size=0, max_size=3), min_size=1, max_size=5))
 def test_junk_tsv_rows(tmp_path, rows):
     path = tmp_path / "mgsm_sw.tsv"
     path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
