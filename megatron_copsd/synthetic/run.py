@@ -369,27 +369,20 @@ def tune_on_dev(mode: Mode, base_root: Path, out: Path, log, *, jobs: int = 1, r
         method, i, overrides = point
         run_dir = out / "tune" / f"{method}-{i}"
         cfg = trainer_config(mode, method, seed, base_root, run_dir, overrides)
-        key = json.loads(json.dumps({"trainer_config": cfg, "dev": [e["id"] for e in dev],
-                                     "eval": dataclasses.asdict(settings)}, default=str))
-        saved = run_dir / "dev_score.json"
-        if resume and saved.is_file():
-            data = json.loads(saved.read_text())
-            if data.get("key") == key:
-                log(f"[resume] reusing the dev score of {run_dir}")
-                return float(data["dev_score"])
-            log(f"[resume] {run_dir}: settings changed since it was scored; running it again")
+        key = {"trainer_config": cfg, "dev": [e["id"] for e in dev], "eval": dataclasses.asdict(settings)}
+        saved = _saved(run_dir / "dev_score.json", key, log) if resume else None
+        if saved is not None:
+            log(f"[resume] reusing the dev score of {run_dir}")
+            return float(saved["dev_score"])
         hf = run_trainer(cfg, run_dir, log)[0]
         recs = evaluate_checkpoint(hf, dev, label=f"dev-{method}-{i}", log=log, settings=settings)
         score = sum(r.correct for r in recs) / len(recs)
-        tmp = saved.with_suffix(".json.tmp")  # written last and atomically: an interrupted point is re-run
-        tmp.write_text(json.dumps({"key": key, "dev_score": score}))
-        tmp.replace(saved)
+        _write_json(run_dir / "dev_score.json", {"key": key, "dev_score": score})  # an interrupted point re-runs
         return score
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         scores = {(m, i): s for (m, i, _), s in zip(points, pool.map(run_point, points))}
-    return tune(mode.methods, train=lambda method, overrides: (method, grid(method).index(overrides)),
-                dev_score=lambda point, method, overrides: scores[point], log=log)
+    return tune(mode.methods, score=lambda method, overrides: scores[method, grid(method).index(overrides)], log=log)
 
 
 def eval_set(mode: Mode, base_root: Path, out: Path) -> tuple[list[dict], int]:
@@ -417,24 +410,37 @@ def _save(stem: Path, key: dict, records: list, seconds: dict | None = None) -> 
     from megatron_copsd.eval.metrics import write_scored_generations
 
     write_scored_generations(records, stem.with_suffix(".jsonl"))
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"key": key, "seconds": seconds or {}}, default=str))
-    tmp.replace(stem.with_suffix(".json"))
+    _write_json(stem.with_suffix(".json"), {"key": key, "seconds": seconds or {}})
 
 
 def _reuse(stem: Path, key: dict, log) -> list | None:
     """The records saved by `_save` when they were produced by exactly `key`; None otherwise (logged)."""
     from megatron_copsd.eval.metrics import read_scored_generations
 
-    meta, recs = stem.with_suffix(".json"), stem.with_suffix(".jsonl")
-    if not (meta.is_file() and recs.is_file()):
-        return None
-    saved = json.loads(meta.read_text()).get("key")
-    if not _same_key(saved, json.loads(json.dumps(key, default=str))):
-        log(f"[resume] {stem}: settings changed since it was saved; running it again")
+    recs = stem.with_suffix(".jsonl")
+    if not recs.is_file() or _saved(stem.with_suffix(".json"), key, log) is None:
         return None
     log(f"[resume] reusing {recs}")
     return read_scored_generations(recs)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """`data` as JSON at `path`, atomically (a reader sees the old file or the whole new one)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    tmp.replace(path)
+
+
+def _saved(path: Path, key: dict, log) -> dict | None:
+    """The JSON written at `path` by `_write_json` when its "key" matches `key` (`_same_key`); None when
+    there is none or the settings changed (logged)."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if not _same_key(data.get("key"), json.loads(json.dumps(key, default=str))):
+        log(f"[resume] {path.with_suffix('')}: settings changed since it was saved; running it again")
+        return None
+    return data
 
 
 def _same_key(saved, current) -> bool:

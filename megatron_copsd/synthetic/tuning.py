@@ -1,14 +1,14 @@
 """Fair tuning on the dev split: the same budget for every method, settings chosen on dev, never on eval.
 
-    results = tune(["copsd", "grpo"], train=train_fn, dev_score=score_fn, log=print)
+    results = tune(["copsd", "grpo"], score=dev_accuracy_after_training, log=print)
     results["copsd"]["chosen"]     # {"optim.lr": 1e-4, "objective.token_clip": None}
 
 Every method gets the same grid size: the learning rate in `LR_GRID` crossed with the method's own main
-knob (`KNOBS`), so 3 x 2 trainer runs each. `train(method, overrides)` trains one setting (the benchmark
-uses the first seed) and returns whatever `dev_score(result, method, overrides)` needs; the score is the
-greedy accuracy on the dev split's target-language problems (the training distribution minus every
-training problem; see `corpus.benchmark_splits`). The best score wins; ties go to the earlier grid point
-(smaller lr first), so the choice is deterministic. The eval split is never looked at.
+knob (`KNOBS`), so 3 x 2 trainer runs each. `score(method, overrides)` trains one setting (the benchmark
+uses the first seed) and returns its greedy accuracy on the dev split's target-language problems (the
+training distribution minus every training problem; see `corpus.benchmark_splits`). The best score wins;
+ties go to the earlier grid point (smaller lr first), so the choice is deterministic. The eval split is
+never looked at.
 """
 from __future__ import annotations
 
@@ -50,20 +50,19 @@ def choose(trials: Sequence[tuple[dict, float]]) -> tuple[dict, float]:
     return trials[best]
 
 
-def tune(methods: Sequence[str], *, train: Callable[[str, dict], Any], dev_score: Callable[[Any, str, dict], float],
-         log: Callable[[str], None] = print) -> dict:
+def tune(methods: Sequence[str], *, score: Callable[[str, dict], float], log: Callable[[str], None] = print) -> dict:
     """{method: {"chosen": overrides, "dev_score": float, "trials": [{"overrides", "dev_score"}]}}."""
     out = {}
     for method in methods:
         trials = []
         for overrides in grid(method):
-            score = float(dev_score(train(method, overrides), method, overrides))
-            log(f"[tune] {method} {format_overrides(overrides)}: dev accuracy {score:.3f}")
-            trials.append((overrides, score))
-        chosen, score = choose(trials)
-        log(f"[tune] {method}: chose {format_overrides(chosen)} (dev {score:.3f})")
-        out[method] = {"chosen": chosen, "dev_score": score,
-                       "trials": [{"overrides": o, "dev_score": s} for o, s in trials]}
+            value = float(score(method, overrides))
+            log(f"[tune] {method} {format_overrides(overrides)}: dev accuracy {value:.3f}")
+            trials.append((overrides, value))
+        chosen, value = choose(trials)
+        log(f"[tune] {method}: chose {format_overrides(chosen)} (dev {value:.3f})")
+        out[method] = {"chosen": chosen, "dev_score": value,
+                       "trials": [{"overrides": o, "dev_score": v} for o, v in trials]}
     return out
 
 

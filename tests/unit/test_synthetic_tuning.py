@@ -24,21 +24,17 @@ def test_every_method_gets_the_same_budget_and_valid_settings():
 
 def test_tune_chooses_on_dev_scores_with_deterministic_ties():
     assert choose([({"a": 1}, 0.5), ({"a": 2}, 0.7), ({"a": 3}, 0.7)]) == ({"a": 2}, 0.7)
-    trained, scored = [], []
+    scored = []
 
-    def train(method, overrides):
-        trained.append((method, overrides))
-        return (method, overrides["optim.lr"])
-
-    def dev_score(result, method, overrides):
-        scored.append(result)
+    def score(method, overrides):
+        scored.append((method, overrides))
         # copsd peaks at lr 1e-4 with clip 0.05; grpo is flat (tie: the first grid point wins)
         if method == "copsd":
             return 0.9 if (overrides["optim.lr"], overrides["objective.token_clip"]) == (1e-4, 0.05) else 0.4
         return 0.5
 
-    res = tune(["copsd", "grpo"], train=train, dev_score=dev_score, log=lambda s: None)
-    assert len(trained) == len(scored) == 12
+    res = tune(["copsd", "grpo"], score=score, log=lambda s: None)
+    assert scored == [(m, o) for m in ("copsd", "grpo") for o in grid(m)]  # every grid point once, in order
     assert res["copsd"]["chosen"] == {"optim.lr": 1e-4, "objective.token_clip": 0.05} and res["copsd"]["dev_score"] == 0.9
     assert res["grpo"]["chosen"] == grid("grpo")[0]
     # the chosen settings reach the trainer config and the summary's settings table
