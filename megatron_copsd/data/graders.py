@@ -132,11 +132,14 @@ def extract_last_number(text: str) -> str | None:
 
 
 def grade_math_number(response: str, gold: str) -> Grade:
-    boxed = extract_last_boxed(response)
-    extracted = boxed if boxed is not None and boxed.strip() else extract_last_number(response)
-    if extracted is None:
+    """`grade_math` when the response has a non-empty box; otherwise its last number, compared the same way."""
+    boxed = grade_math(response, gold)
+    if boxed.formatted:
+        return boxed
+    number = extract_last_number(response)
+    if number is None:
         return Grade(False, False, None)
-    return Grade(math_answers_equal(str(gold), extracted), True, extracted.strip())
+    return Grade(math_answers_equal(str(gold), number), True, number)
 
 
 # ------------------------------------------------------------------------------------------------ mcq

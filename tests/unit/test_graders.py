@@ -63,6 +63,9 @@ def test_missing_or_empty_boxed_is_unformatted():
 def test_math_number(resp, gold, correct, formatted, extracted):
     g = grade_math_number(resp, gold)
     assert (g.correct, g.formatted, g.extracted) == (correct, formatted, extracted)
+
+
+def test_math_number_registered_and_no_digits():
     assert get_grader("math_number") is grade_math_number
     assert extract_last_number("no digits") is None
 
